@@ -1,0 +1,1 @@
+"""flows of saema (see DESIGN.md §2)."""

@@ -1,0 +1,30 @@
+"""Flow: prompts and corpus → activation store (DESIGN.md §4 steps 1–2)."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.config import ExtractConfig
+from saema_core.hooks import parse_hook
+from storage.activation_store import activation_store_url, consolidate, ensure_output_dir
+from storage.models import load_model
+from storage.prompts import resolve_concepts
+from tasks.extract import ActivationRef, extract_concept, extract_corpus
+
+
+@flow(name="saema-extract", log_prints=True)
+def extract_flow(cfg: ExtractConfig = ExtractConfig()) -> list[ActivationRef]:
+    """Stream every concept's prompts, then the training corpus, into the model's store."""
+    ensure_output_dir(cfg.out)
+    lm = load_model(cfg.model)
+    for hook in cfg.hooks:
+        parse_hook(hook, lm.n_layers)
+    concepts = resolve_concepts(cfg.concepts, cfg.prompt_file)
+    refs = [extract_concept(cfg, concept) for concept in concepts]
+    if cfg.corpus:
+        refs.append(extract_corpus(cfg))
+    consolidate(activation_store_url(cfg.out, cfg.model.name))
+    computed = sum(ref.computed for ref in refs)
+    print(f"activations: {len(refs)} groups × {len(cfg.hooks)} hooks, {computed} computed, "
+          f"{len(refs) - computed} already complete")
+    return refs

@@ -1,0 +1,1 @@
+"""storage of saema (see DESIGN.md §2)."""

@@ -1,0 +1,187 @@
+"""The activation store: one Zarr store per model, one group per (split, concept, hook).
+
+    <out>/activations/<model>.zarr/
+        concepts/<concept>/<hook>/   resid (token, d_model) float32 + token coordinates
+        corpus/<hook>/               the SAE training corpus, same layout
+
+Groups are written template-first: the full shapes, dtypes and coordinates go down as metadata,
+then every batch fills its own chunk-aligned region and ticks its entry of `batch_done` (one chunk
+per flag, so a flag is written atomically and only after its data). A group is complete when every
+flag is set; an interrupted extraction re-runs only the batches whose flag is missing. Plain
+`xarray.open_zarr(store, group=...)` and `zarr.open_group` read every group.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+import zarr
+
+from storage.batches import BatchPlan, TokenBatch
+
+_IDENTITY_KEYS = ("model", "model_revision", "d_model", "n_layers")
+
+
+class StoreError(ValueError):
+    """A store that cannot be written or would be corrupted by mixing; the message says why."""
+
+
+def model_slug(name: str) -> str:
+    """A file-name-safe name for a model (`gpt2`, `EleutherAI__pythia-70m`, `my-folder`)."""
+    base = Path(name).name if Path(name).expanduser().exists() else name.replace("/", "__")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", base) or "model"
+
+
+def activation_store_url(out: str, model_name: str) -> str:
+    return f"{out.rstrip('/')}/activations/{model_slug(model_name)}.zarr"
+
+
+def group_path(hook: str, concept: str | None = None) -> str:
+    """`concepts/<concept>/<hook>` for a concept, `corpus/<hook>` for the training corpus."""
+    return f"concepts/{concept}/{hook}" if concept is not None else f"corpus/{hook}"
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def ensure_output_dir(out: str) -> None:
+    """Refuse an output path that is a file or cannot be written, before any work starts."""
+    if not is_local(out):
+        return
+    path = Path(out.removeprefix("file://")).expanduser()
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"output path {path} exists and is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".saema-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise StoreError(f"output folder {path} is not writable: {error}") from error
+
+
+def open_store(url: str, identity: dict) -> zarr.Group:
+    """Open (or create) a model's store; refuse one written by another model."""
+    root = zarr.open_group(url, mode="a", use_consolidated=False)
+    existing = {k: root.attrs.get(k) for k in _IDENTITY_KEYS}
+    if any(v is not None for v in existing.values()):
+        mismatched = {k: (existing[k], identity[k]) for k in _IDENTITY_KEYS if existing[k] != identity[k]}
+        if mismatched:
+            detail = "; ".join(f"{k}: store has {a!r}, this run {b!r}" for k, (a, b) in mismatched.items())
+            raise StoreError(f"activation store {url} was written by another model ({detail}); "
+                             f"refusing to mix — use another --out")
+    else:
+        root.attrs.update(identity)
+    return root
+
+
+_NUMERIC_COORDS = {"prompt_id": np.int64, "position": np.int64, "token_id": np.int64, "mask": bool}
+_STRING_COORDS = ("token_str", "concept")
+
+
+def _template(plan: BatchPlan, d_model: int, attrs: dict) -> xr.Dataset:
+    """Lazy dataset with the final shapes; writing it with compute=False writes metadata only."""
+    n, chunk = plan.n_tokens, plan.chunk_tokens
+    coords = {name: ("token", da.zeros(n, dtype=dtype, chunks=chunk)) for name, dtype in _NUMERIC_COORDS.items()}
+    resid = da.zeros((n, d_model), dtype=np.float32, chunks=(chunk, d_model))
+    done = da.zeros(plan.n_batches, dtype=bool, chunks=1)
+    data = {
+        "resid": (("token", "d_model"), resid, {"long_name": "residual stream activation", "units": "1"}),
+        "batch_done": (("batch",), done, {"description": "True once the batch's rows are written"}),
+    }
+    return xr.Dataset(data, coords=coords, attrs=attrs)
+
+
+def _write_template(url: str, path: str, plan: BatchPlan, d_model: int, attrs: dict) -> None:
+    _template(plan, d_model, attrs).to_zarr(url, group=path, mode="w", compute=False, consolidated=False)
+    # Variable-length strings go straight through zarr: xarray would load a lazy object array
+    # into memory to find its dtype, which is O(corpus) memory.
+    group = zarr.open_group(url, path=path, mode="r+", use_consolidated=False)
+    for name in _STRING_COORDS:
+        group.create_array(name, shape=(plan.n_tokens,), chunks=(plan.chunk_tokens,), dtype=str,
+                           fill_value="", dimension_names=("token",))
+    coordinates = " ".join([*_NUMERIC_COORDS, *_STRING_COORDS])
+    group["resid"].attrs["coordinates"] = coordinates
+
+
+@dataclass
+class GroupWriter:
+    """Writes batches of one group into their chunk-aligned regions."""
+
+    url: str
+    path: str
+    plan: BatchPlan
+    concept: str
+
+    def __post_init__(self) -> None:
+        self.group = zarr.open_group(self.url, path=self.path, mode="r+", use_consolidated=False)
+
+    def done(self) -> set[int]:
+        return set(np.flatnonzero(self.group["batch_done"][:]).tolist())
+
+    def write(self, batch: TokenBatch, resid: np.ndarray) -> None:
+        start = batch.index * self.plan.chunk_tokens
+        stop = start + resid.shape[0]
+        self.group["resid"][start:stop] = resid
+        for name, values in batch.coords().items():
+            self.group[name][start:stop] = values
+        self.group["concept"][start:stop] = np.full(stop - start, self.concept, dtype=object)
+        self.group["batch_done"][batch.index] = True  # last: the flag follows the data
+
+
+
+def prepare_group(url: str, path: str, plan: BatchPlan, d_model: int, attrs: dict,
+                  concept: str = "", refresh: bool = False) -> GroupWriter:
+    """Create the group from its template, or reopen it; refuse a group written for other inputs."""
+    root = zarr.open_group(url, mode="a", use_consolidated=False)
+    if path in root and refresh:
+        _delete_group(url, root, path)
+    if path in root:
+        found = root[path].attrs.get("content_hash")
+        if found != plan.content_hash:
+            raise StoreError(
+                f"{url}/{path} holds activations of other inputs (content hash {found}, this run "
+                f"{plan.content_hash}: prompts, corpus or batch layout changed); refusing to mix — "
+                f"re-run with --refresh to replace it, or use another --out"
+            )
+    else:
+        full_attrs = {**attrs, "content_hash": plan.content_hash, "seq_len": plan.seq_len,
+                      "batch_rows": plan.batch_rows}
+        _write_template(url, path, plan, d_model, full_attrs)
+    return GroupWriter(url, path, plan, concept)
+
+
+def _delete_group(url: str, root: zarr.Group, path: str) -> None:
+    if is_local(url):
+        shutil.rmtree(Path(url.removeprefix("file://")) / path)
+    else:
+        del root[path]
+
+
+def group_complete(url: str, path: str) -> bool:
+    """True when the group exists and every batch flag is set."""
+    try:
+        group = zarr.open_group(url, path=path, mode="r", use_consolidated=False)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return False
+    return bool(np.all(group["batch_done"][:]))
+
+
+def consolidate(url: str) -> None:
+    """Consolidate the store's metadata (once, at the end of a run) for fast plain-xarray opens."""
+    zarr.consolidate_metadata(url)
+
+
+def open_activations(url: str, hook: str, concept: str | None = None) -> xr.Dataset:
+    """Lazily open one complete group as an xarray Dataset; refuse an incomplete one."""
+    path = group_path(hook, concept)
+    if not group_complete(url, path):
+        raise StoreError(f"{url}/{path} is missing or incomplete; run `saema extract` for it first")
+    return xr.open_zarr(url, group=path, consolidated=False)

@@ -1,0 +1,1 @@
+"""tasks of saema (see DESIGN.md §2)."""

@@ -1,0 +1,114 @@
+"""Extraction tasks: one forward per batch captures every hook; batches stream into the store."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from tqdm.auto import tqdm
+
+from flows.config import ExtractConfig
+from saema_core.hooks import capture_residuals
+from storage import activation_store as store
+from storage.batches import BatchPlan, TokenBatch, concept_batches, corpus_batches, corpus_plan
+from storage.models import LoadedModel, load_model
+from storage.prompts import Concept
+from storage.provenance import provenance
+from tasks.progress import StageProgress
+
+
+@dataclass(frozen=True)
+class ActivationRef:
+    """A small, hashable reference to the activation groups of one concept (or the corpus)."""
+
+    store_url: str
+    concept: str | None
+    hooks: tuple[str, ...]
+    content_hash: str
+    n_tokens: int
+    computed: bool
+
+
+def _forward(lm: LoadedModel, batch: TokenBatch, hooks: tuple[str, ...]) -> dict[str, np.ndarray]:
+    inputs = {
+        "input_ids": torch.from_numpy(batch.input_ids).to(lm.device),
+        "attention_mask": torch.from_numpy(batch.attention_mask).to(lm.device),
+    }
+    captured = capture_residuals(lm.model, inputs, hooks)
+    return {h: t.reshape(-1, t.shape[-1]).float().cpu().numpy() for h, t in captured.items()}
+
+
+def _writers(cfg: ExtractConfig, lm: LoadedModel, url: str, plan: BatchPlan, concept: str | None):
+    writers = {}
+    for hook in cfg.hooks:
+        attrs = provenance(model=cfg.model.name, model_revision=lm.revision, hook=hook,
+                           dtype="float32", model_dtype=cfg.model.dtype,
+                           tokenizer=type(lm.tokenizer).__name__, architecture=lm.architecture,
+                           split="corpus" if concept is None else "concepts",
+                           concept=concept, corpus=cfg.corpus if concept is None else None)
+        writers[hook] = store.prepare_group(url, store.group_path(hook, concept), plan, lm.d_model,
+                                            attrs, concept=concept or "", refresh=cfg.refresh)
+    return writers
+
+
+def _stream(lm: LoadedModel, writers: dict, batches: Iterable[TokenBatch],
+            todo: dict[str, set[int]], label: str) -> None:
+    """Forward each pending batch once, capturing only the hooks that still lack it."""
+    pending = set().union(*todo.values())
+    with StageProgress(label, total=len(pending)) as progress:
+        for batch in batches:
+            hooks = tuple(h for h in writers if batch.index in todo[h])
+            if not hooks:
+                continue
+            activations = _forward(lm, batch, hooks)
+            for hook in hooks:
+                writers[hook].write(batch, activations[hook])
+            progress.advance(1)
+
+
+def _todo(writers: dict, n_batches: int) -> dict[str, set[int]]:
+    """Per hook, the batches not yet written (all of them for a new group)."""
+    return {hook: set(range(n_batches)) - w.done() for hook, w in writers.items()}
+
+
+def _identity(cfg: ExtractConfig, lm: LoadedModel) -> dict:
+    return {"model": cfg.model.name, "model_revision": lm.revision, "d_model": lm.d_model,
+            "n_layers": lm.n_layers}
+
+
+@task(name="extract-concept", task_run_name="extract {concept.name}", cache_policy=NO_CACHE,
+      retries=1, retry_delay_seconds=2)
+def extract_concept(cfg: ExtractConfig, concept: Concept) -> ActivationRef:
+    """Stream one concept's prompts through the model into its groups (skip complete batches)."""
+    lm = load_model(cfg.model)
+    url = store.activation_store_url(cfg.out, cfg.model.name)
+    store.open_store(url, _identity(cfg, lm))
+    plan, batches = concept_batches(lm.tokenizer, concept, cfg.batch_size)
+    writers = _writers(cfg, lm, url, plan, concept.name)
+    todo = _todo(writers, plan.n_batches)
+    _stream(lm, writers, batches, todo, f"extract {concept.name} ({plan.n_tokens} tokens)")
+    computed = any(todo.values())
+    return ActivationRef(url, concept.name, cfg.hooks, plan.content_hash, plan.n_tokens, computed)
+
+
+@task(name="extract-corpus", task_run_name="extract corpus {cfg.corpus}", cache_policy=NO_CACHE,
+      retries=1, retry_delay_seconds=2)
+def extract_corpus(cfg: ExtractConfig) -> ActivationRef:
+    """Stream the training corpus through the model; memory stays bounded by one batch."""
+    lm = load_model(cfg.model)
+    url = store.activation_store_url(cfg.out, cfg.model.name)
+    store.open_store(url, _identity(cfg, lm))
+    plan = corpus_plan(lm.tokenizer, cfg.corpus, cfg.corpus_seq_len, cfg.corpus_batch_size,
+                       cfg.corpus_max_tokens)
+    writers = _writers(cfg, lm, url, plan, None)
+    todo = _todo(writers, plan.n_batches)
+    pending = set().union(*todo.values())
+    if pending:
+        skip = set(range(plan.n_batches)) - pending
+        batches = corpus_batches(lm.tokenizer, cfg.corpus, plan, skip=skip)
+        _stream(lm, writers, batches, todo, f"extract corpus ({plan.n_tokens} tokens)")
+    return ActivationRef(url, None, cfg.hooks, plan.content_hash, plan.n_tokens, bool(pending))
