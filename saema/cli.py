@@ -40,6 +40,10 @@ def _add_extract_options(parser: argparse.ArgumentParser) -> None:
                         help="corpus tokens to extract (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=ExtractConfig.batch_size,
                         help="prompts per forward (default: %(default)s)")
+    parser.add_argument("--corpus-batch-size", type=int, default=ExtractConfig.corpus_batch_size,
+                        help="corpus sequences per forward, one Zarr chunk (default: %(default)s)")
+    parser.add_argument("--corpus-seq-len", type=int, default=ExtractConfig.corpus_seq_len,
+                        help="tokens per corpus sequence (default: %(default)s)")
     parser.add_argument("--refresh", action="store_true",
                         help="recompute and overwrite results that are already complete")
 
@@ -50,7 +54,8 @@ def extract_config(args: argparse.Namespace) -> ExtractConfig:
     corpus = None if args.corpus.lower() == "none" else args.corpus
     return ExtractConfig(out=args.out, model=model, hooks=tuple(args.hooks), concepts=tuple(args.concepts),
                          prompt_file=args.prompt_file, corpus=corpus, batch_size=args.batch_size,
-                         corpus_max_tokens=args.corpus_max_tokens, refresh=args.refresh)
+                         corpus_max_tokens=args.corpus_max_tokens, corpus_batch_size=args.corpus_batch_size,
+                         corpus_seq_len=args.corpus_seq_len, refresh=args.refresh)
 
 
 def cmd_extract(args: argparse.Namespace) -> None:

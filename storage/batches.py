@@ -92,7 +92,7 @@ def concept_batches(tokenizer, concept: Concept, batch_size: int) -> tuple[Batch
             f"concept {concept.name!r}: no analysed tokens remain after masking padding, special and "
             f"filler tokens; check its prompts and filler list"
         )
-    digest = hashlib.sha256(ids.tobytes() + attention.tobytes())
+    digest = hashlib.sha256(f"batch_rows={batch_size}|".encode() + ids.tobytes() + attention.tobytes())
     digest.update(np.concatenate([b.mask for b in batches]).tobytes())
     plan = BatchPlan(len(ids), ids.shape[1], batch_size, len(batches), digest.hexdigest()[:16])
     return plan, batches
@@ -123,7 +123,7 @@ def _corpus_sequences(tokenizer, corpus: str, seq_len: int) -> Iterator[list[int
 def corpus_plan(tokenizer, corpus: str, seq_len: int, batch_size: int, max_tokens: int) -> BatchPlan:
     """Count the corpus's sequences (streaming, capped at `max_tokens`) and hash their ids."""
     max_rows = max_tokens // seq_len
-    digest = hashlib.sha256(f"{corpus}|{seq_len}".encode())
+    digest = hashlib.sha256(f"{corpus}|seq_len={seq_len}|batch_rows={batch_size}|".encode())
     n_rows = 0
     for sequence in islice(_corpus_sequences(tokenizer, corpus, seq_len), max_rows):
         digest.update(np.asarray(sequence, dtype=np.int64).tobytes())

@@ -147,6 +147,8 @@ def load_prompt_file(path: str | Path) -> list[Concept]:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise PromptError(f"cannot read prompt file {path}: {error}") from error
+    if not text.strip():
+        raise PromptError(f"prompt file {path} is empty")
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as error:

@@ -1,0 +1,29 @@
+"""Shared fixtures: an ephemeral Prefect backend, tiny random models saved to disk, offline hub."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from tests.tiny_models import ARCHITECTURES, save_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_backend(tmp_path_factory):
+    """Prefect in ephemeral mode against a throw-away database (never the user's ~/.prefect)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, str]:
+    """A saved tiny random model of every supported architecture: {architecture: folder}."""
+    root = tmp_path_factory.mktemp("models")
+    return {arch: str(save_tiny_model(arch, root / arch)) for arch in ARCHITECTURES}
