@@ -467,7 +467,7 @@ def _build_checked(checkpoint: ConvertedCheckpoint, where: str, expected_d_in: i
         )
     sae = build_sae(cfg)
     sae.load_saelens_tensors(checkpoint.tensors)
-    return sae.eval()
+    return sae.eval().requires_grad_(False)  # inference only; gradients w.r.t. inputs still flow
 
 
 # ----------------------------------------------------------------------------------------------
@@ -495,7 +495,9 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 
 
 def load_sae(path: str | os.PathLike[str], expected_d_in: int | None = None) -> SAE:
-    """The SAE stored in the folder `path` (SAELens, dictionary_learning or sparsify format), in eval mode.
+    """The SAE stored in the folder `path` (SAELens, dictionary_learning or sparsify format).
+
+    The SAE is in eval mode with frozen parameters.
 
     `expected_d_in`: the width of the activations it will read (d_model at the hook); a mismatch is a
     CheckpointError. The SAE's `cfg.metadata["source_format"]` says which format it came from.

@@ -118,7 +118,8 @@ def test_kill_9_then_rerun_completes(tmp_path, tiny_model_dirs, corpus_file):
                "--corpus-max-tokens", "60000", "--corpus-batch-size", "4", "--corpus-seq-len", "128"]
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
     env.pop("PREFECT_API_URL", None)
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = (tmp_path / "killed.log").open("w")
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = store.activation_store_url(str(out), model)
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None:
@@ -129,7 +130,7 @@ def test_kill_9_then_rerun_completes(tmp_path, tiny_model_dirs, corpus_file):
         except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, ValueError):
             pass
         time.sleep(0.05)
-    assert process.poll() is None, "extraction finished before it could be killed"
+    assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not store.group_complete(url, store.group_path(HOOKS[0]))

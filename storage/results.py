@@ -1,0 +1,151 @@
+"""The results store `<out>/results.zarr`: one xarray Dataset per analysis group.
+
+Groups: `stratification`, `strata`, `structure`, `intervention`, `sae_eval` (DESIGN.md §3). A run for
+further models, hooks or concepts extends a group along those dimensions: the new cells are merged
+with the stored ones (new values win) and the group is rewritten. Writers hold a lock file, so two
+runs on one store serialise (or, after `timeout`, refuse with a clear message) instead of corrupting
+it. On local disk the rewrite is atomic: the new group is written beside the old one and swapped in
+by two renames; an interrupted swap is repaired by the next writer or reader.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import xarray as xr
+import zarr
+
+from storage.activation_store import is_local
+
+GROUPS = ("stratification", "strata", "structure", "intervention", "sae_eval")
+_LOCK = ".saema-write.lock"
+
+
+class ResultsError(ValueError):
+    """A results store that is missing, busy, or asked for something it does not hold."""
+
+
+def results_url(out: str) -> str:
+    return f"{out.rstrip('/')}/results.zarr"
+
+
+def _local_path(url: str) -> Path:
+    return Path(url.removeprefix("file://")).expanduser()
+
+
+@contextlib.contextmanager
+def write_lock(url: str, timeout: float = 600.0) -> Iterator[None]:
+    """Exclusive writer lock (a file created with O_EXCL); waits up to `timeout` seconds."""
+    if not is_local(url):
+        yield  # object stores have no atomic create; one writer per store is the user's contract
+        return
+    root = _local_path(url)
+    root.mkdir(parents=True, exist_ok=True)
+    lock = root / _LOCK
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            holder = lock.read_text(errors="replace") if lock.exists() else "?"
+            if _stale(holder):
+                lock.unlink(missing_ok=True)
+                continue
+            if time.monotonic() > deadline:
+                raise ResultsError(f"results store {url} is being written by another run ({holder}); "
+                                   f"waited {timeout:.0f} s — try again when it finishes") from None
+            time.sleep(0.2)
+    os.write(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode())
+    os.close(fd)
+    try:
+        _repair_swaps(root)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _stale(holder: str) -> bool:
+    """A lock left by a killed process on this machine (its pid no longer exists)."""
+    parts = holder.split()
+    if len(parts) != 4 or parts[0] != "pid" or parts[3] != os.uname().nodename:
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError):
+        return False
+    return False
+
+
+def _repair_swaps(root: Path) -> None:
+    """Finish or undo a swap that a killed writer left half-done."""
+    for old in root.glob(".old-*"):
+        group = root / old.name.removeprefix(".old-")
+        if group.exists():
+            shutil.rmtree(old)
+        else:
+            old.rename(group)
+    for staging in root.glob(".new-*"):
+        shutil.rmtree(staging)
+
+
+def _merge(new: xr.Dataset, old: xr.Dataset | None) -> xr.Dataset:
+    if old is None:
+        return new
+    merged = new.combine_first(old.load())
+    merged.attrs = {**old.attrs, **new.attrs}
+    for name, var in new.variables.items():
+        merged[name].attrs = dict(var.attrs)
+    return merged
+
+
+def read_group(out: str, group: str) -> xr.Dataset | None:
+    """A group as a lazy Dataset, or None when it does not exist yet."""
+    url = results_url(out)
+    try:
+        return xr.open_zarr(url, group=group, consolidated=False)
+    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
+        return None
+
+
+def write_group(out: str, group: str, ds: xr.Dataset) -> None:
+    """Merge `ds` into the stored group (new cells win) and write it back atomically."""
+    if group not in GROUPS:
+        raise ResultsError(f"unknown results group {group!r}; groups are {GROUPS}")
+    url = results_url(out)
+    with write_lock(url):
+        merged = _merge(ds, read_group(out, group))
+        if is_local(url):
+            _swap_in(_local_path(url), group, merged)
+        else:
+            merged.to_zarr(url, group=group, mode="w", consolidated=False)
+        zarr.consolidate_metadata(url)
+
+
+def _swap_in(root: Path, group: str, ds: xr.Dataset) -> None:
+    staging = root / f".new-{group}-{uuid.uuid4().hex[:8]}"
+    ds.to_zarr(str(staging), mode="w", consolidated=False)
+    target, old = root / group, root / f".old-{group}"
+    if target.exists():
+        target.rename(old)
+    staging.rename(target)
+    if old.exists():
+        shutil.rmtree(old)
+    if not (root / "zarr.json").exists():
+        zarr.open_group(str(root), mode="a")
+
+
+def open_results(out: str) -> xr.DataTree:
+    """All result groups as a lazy DataTree (`tree["stratification"].ds`)."""
+    url = results_url(out)
+    if is_local(url) and not _local_path(url).exists():
+        raise ResultsError(f"no results at {url}; run `saema run --out {out}` first")
+    return xr.open_datatree(url, engine="zarr", consolidated=False)
