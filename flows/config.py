@@ -62,3 +62,84 @@ def field_docs(cls: type) -> dict[str, str]:
         if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr):
             docs[node.target.id] = following.value.value  # type: ignore[union-attr]
     return {f.name: docs.get(f.name, "") for f in fields(cls)}
+
+
+@dataclass(frozen=True)
+class SAEStageConfig:
+    """Stage 3: per hook, an SAE (trained on the corpus store, or loaded) and the dense control."""
+
+    architecture: str = "topk"
+    """SAE to train: topk (default) or standard (ReLU + L1)."""
+    expansion: int = 8
+    """SAE width as a multiple of d_model."""
+    k: int = 32
+    """Active latents per token of a TopK SAE."""
+    n_steps: int = 600
+    """Training steps (each reads batch_size corpus tokens)."""
+    batch_size: int = 1024
+    """Tokens per training step."""
+    seed: int = 0
+    """Seeds initialisation and the order of training batches."""
+    dead_tokens: int = 100_000
+    """A latent silent for this many training tokens is dead (AuxK / resampling revives it)."""
+    holdout_fraction: float = 0.05
+    """Share of the corpus (its last chunks) held out of training for evaluation."""
+    train_dense: bool = True
+    """Also train the dense autoencoder of the same width, the control of DESIGN.md §5.6."""
+    checkpoints: tuple[tuple[str, str], ...] = ()
+    """(hook, folder) pairs of SAEs to load instead of training (SAELens, dictionary_learning, sparsify)."""
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ("topk", "standard"):
+            raise ValueError(f"architecture must be topk or standard to train, got {self.architecture!r}")
+        for name in ("expansion", "k", "n_steps", "batch_size", "dead_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if not 0 < self.holdout_fraction < 0.5:
+            raise ValueError(f"holdout_fraction must be in (0, 0.5), got {self.holdout_fraction}")
+        object.__setattr__(self, "checkpoints", tuple(tuple(pair) for pair in self.checkpoints))
+
+    def checkpoint_for(self, hook: str) -> str | None:
+        return dict(self.checkpoints).get(hook)
+
+
+@dataclass(frozen=True)
+class StratifyConfig:
+    """Stage 4 (SAEMA, DESIGN.md §5): noise sweep, unfoldings, SSPD ranks, verdict, strata."""
+
+    noise_levels: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+    """Noise levels σ (the paper's); validated, sorted."""
+    replicates: int = 3
+    """Noise draws per σ."""
+    noise_scale: str = "absolute"
+    """absolute (s = 1, the paper's reading) or relative (s = RMS ‖x‖/√d of the concept's tokens)."""
+    seed: int = 0
+    """Base seed; each cell's seed is derived from it and (hook, concept, σ, replicate)."""
+    spaces: tuple[str, ...] = ("resid", "latent", "dense_ae")
+    """resid (control), latent (the SAE), dense_ae (control)."""
+    dask_address: str | None = None
+    """tcp://host:8786 of an existing Dask scheduler; None = a local cluster."""
+    n_workers: int = 2
+    """Workers of the local cluster (one BLAS thread each)."""
+
+    def __post_init__(self) -> None:
+        from saema_core.noise import validate_noise_levels, validate_replicates
+
+        object.__setattr__(self, "noise_levels", validate_noise_levels(self.noise_levels))
+        validate_replicates(self.replicates)
+        if self.noise_scale not in ("absolute", "relative"):
+            raise ValueError(f"noise_scale must be absolute or relative, got {self.noise_scale!r}")
+        unknown = set(self.spaces) - {"resid", "latent", "dense_ae"}
+        if unknown or not self.spaces:
+            raise ValueError(f"spaces must be among resid, latent, dense_ae; got {self.spaces}")
+        if self.n_workers < 1:
+            raise ValueError(f"n_workers must be ≥ 1, got {self.n_workers}")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """`saema run`: every stage, each with its own validated configuration."""
+
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    sae: SAEStageConfig = field(default_factory=SAEStageConfig)
+    stratify: StratifyConfig = field(default_factory=StratifyConfig)

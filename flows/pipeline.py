@@ -1,14 +1,32 @@
-"""The end-to-end flow `saema_pipeline` (also `saema run`): every stage that exists, in order."""
+"""The end-to-end flow `saema_pipeline` (also `saema run`): every stage that exists, in order.
+
+Each stage skips the work whose results are already stored (content-keyed), so running a later stage
+alone (`saema stratify`) runs the earlier ones only where their results are missing.
+"""
 
 from __future__ import annotations
 
 from prefect import flow
 
-from flows.config import ExtractConfig
+from flows.config import PipelineConfig
 from flows.extract import extract_flow
+from flows.sae import sae_flow
+from flows.stratify import stratify_flow
+
+STAGES = ("extract", "sae", "stratify")
 
 
 @flow(name="saema-pipeline", log_prints=True)
-def saema_pipeline(cfg: ExtractConfig = ExtractConfig()) -> None:
-    """prompts → activations (→ SAEs → stratification → structure → intervention → report)."""
-    extract_flow(cfg)
+def saema_pipeline(cfg: PipelineConfig = PipelineConfig(), stages: tuple[str, ...] = STAGES) -> None:
+    """prompts → activations → SAEs → stratification (→ structure → intervention → report)."""
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stages {sorted(unknown)}; stages are {STAGES}")
+    ex = cfg.extract
+    refs = extract_flow(ex)
+    concepts = tuple(ref.concept for ref in refs if ref.concept is not None)
+    if "sae" not in stages:
+        return
+    sae_refs = sae_flow(ex.out, ex.model.name, ex.hooks, concepts, cfg.sae)
+    if "stratify" in stages:
+        stratify_flow(ex.out, ex.model.name, ex.hooks, concepts, sae_refs, cfg.stratify)

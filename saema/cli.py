@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from flows.config import DEFAULT_HOOKS, DEFAULT_OUT, ExtractConfig
+from flows.config import DEFAULT_HOOKS, DEFAULT_OUT, ExtractConfig, PipelineConfig, SAEStageConfig, StratifyConfig
 from storage.corpus import DEFAULT_CORPUS
 from storage.models import DEFAULT_MODEL, ModelSpec
 
@@ -64,10 +64,83 @@ def cmd_extract(args: argparse.Namespace) -> None:
     extract_flow(extract_config(args))
 
 
+def _add_sae_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("SAE")
+    defaults = SAEStageConfig()
+    group.add_argument("--arch", default=defaults.architecture, choices=["topk", "standard"],
+                       help="SAE to train (default: %(default)s)")
+    group.add_argument("--expansion", type=int, default=defaults.expansion,
+                       help="SAE width as a multiple of d_model (default: %(default)s)")
+    group.add_argument("--k", type=int, default=defaults.k, help="TopK active latents (default: %(default)s)")
+    group.add_argument("--steps", type=int, default=defaults.n_steps, help="training steps (default: %(default)s)")
+    group.add_argument("--sae-batch-size", type=int, default=defaults.batch_size,
+                       help="tokens per training step (default: %(default)s)")
+    group.add_argument("--seed", type=int, default=defaults.seed, help="training seed (default: %(default)s)")
+    group.add_argument("--no-dense", action="store_true", help="skip the dense autoencoder control")
+    group.add_argument("--sae", action="append", default=[], metavar="HOOK=PATH",
+                       help="load this SAE checkpoint for HOOK instead of training (repeatable)")
+
+
+def sae_config(args: argparse.Namespace) -> SAEStageConfig:
+    pairs = []
+    for item in args.sae:
+        hook, sep, path = item.partition("=")
+        if not sep or not hook or not path:
+            raise ValueError(f"--sae expects HOOK=PATH, got {item!r}")
+        pairs.append((hook, path))
+    return SAEStageConfig(architecture=args.arch, expansion=args.expansion, k=args.k, n_steps=args.steps,
+                          batch_size=args.sae_batch_size, seed=args.seed, train_dense=not args.no_dense,
+                          checkpoints=tuple(pairs))
+
+
+def _add_stratify_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("stratification (SAEMA)")
+    defaults = StratifyConfig()
+    group.add_argument("--noise-levels", type=float, nargs="+", default=list(defaults.noise_levels),
+                       help="noise levels σ (default: the paper's %(default)s)")
+    group.add_argument("--replicates", type=int, default=defaults.replicates,
+                       help="noise draws per σ (default: %(default)s)")
+    group.add_argument("--noise-scale", default=defaults.noise_scale, choices=["absolute", "relative"],
+                       help="absolute: s = 1; relative: s = RMS ‖x‖/√d (default: %(default)s)")
+    group.add_argument("--noise-seed", type=int, default=defaults.seed, help="base seed of the noise")
+    group.add_argument("--dask-address", default=None,
+                       help="tcp://host:8786 of an existing Dask scheduler (default: a local cluster)")
+    group.add_argument("--workers", type=int, default=defaults.n_workers,
+                       help="workers of the local Dask cluster (default: %(default)s)")
+
+
+def stratify_config(args: argparse.Namespace) -> StratifyConfig:
+    return StratifyConfig(noise_levels=tuple(args.noise_levels), replicates=args.replicates,
+                          noise_scale=args.noise_scale, seed=args.noise_seed,
+                          dask_address=args.dask_address, n_workers=args.workers)
+
+
+def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
+    return PipelineConfig(extract=extract_config(args), sae=sae_config(args), stratify=stratify_config(args))
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    _add_extract_options(parser)
+    _add_sae_options(parser)
+    _add_stratify_options(parser)
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from flows.pipeline import saema_pipeline
 
-    saema_pipeline(extract_config(args))
+    saema_pipeline(pipeline_config(args))
+
+
+def cmd_train_sae(args: argparse.Namespace) -> None:
+    from flows.pipeline import saema_pipeline
+
+    saema_pipeline(pipeline_config(args), stages=("extract", "sae"))
+
+
+def cmd_stratify(args: argparse.Namespace) -> None:
+    from flows.pipeline import saema_pipeline
+
+    saema_pipeline(pipeline_config(args), stages=("extract", "sae", "stratify"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,9 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     commands: dict[str, tuple[str, Callable, Callable]] = {
         "run": ("run every stage on the embedded default (or the given model, hooks, concepts)",
-                _add_extract_options, cmd_run),
+                _add_run_options, cmd_run),
         "extract": ("stream concept prompts and the training corpus into the activation store",
                     _add_extract_options, cmd_extract),
+        "train-sae": ("train (or load with --sae) an SAE and the dense control per hook, encode the "
+                      "concepts and evaluate; extracts first if the store is missing",
+                      _add_run_options, cmd_train_sae),
+        "stratify": ("SAEMA stratification: noise sweep, SSPD ranks and the verdict on Dask (runs the "
+                     "earlier stages first where their results are missing; they are cached)",
+                     _add_run_options, cmd_stratify),
     }
     for name, (help_text, add_options, handler) in commands.items():
         command = sub.add_parser(name, help=help_text, description=help_text)

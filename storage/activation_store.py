@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,3 +186,42 @@ def open_activations(url: str, hook: str, concept: str | None = None) -> xr.Data
     if not group_complete(url, path):
         raise StoreError(f"{url}/{path} is missing or incomplete; run `saema extract` for it first")
     return xr.open_zarr(url, group=path, consolidated=False)
+
+
+def corpus_chunks(url: str, hook: str, holdout_fraction: float) -> tuple[list[slice], list[slice]]:
+    """The corpus group's chunk regions, split into training and held-out (the last chunks)."""
+    group = zarr.open_group(url, path=group_path(hook), mode="r", use_consolidated=False)
+    n, chunk = group["resid"].shape[0], group["resid"].chunks[0]
+    regions = [slice(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+    n_holdout = max(1, round(len(regions) * holdout_fraction)) if len(regions) > 1 else 0
+    return regions[: len(regions) - n_holdout], regions[len(regions) - n_holdout :]
+
+
+def read_region(url: str, hook: str, region: slice, concept: str | None = None) -> np.ndarray:
+    """Analysed-token activations (mask True) of one region, float32 (tokens, d_model)."""
+    group = zarr.open_group(url, path=group_path(hook, concept), mode="r", use_consolidated=False)
+    resid, mask = group["resid"][region], group["mask"][region]
+    return np.ascontiguousarray(resid[mask], dtype=np.float32)
+
+
+def training_batches(url: str, hook: str, regions: list[slice], batch_size: int, seed: int,
+                     window: int = 8) -> Iterator[np.ndarray]:
+    """Endless shuffled minibatches of analysed corpus tokens; memory bounded by `window` chunks.
+
+    Every epoch visits the chunks in a new seeded order, `window` chunks at a time, shuffles their
+    tokens and yields full batches (the remainder carries over to the next window).
+    """
+    if not regions:
+        raise StoreError(f"{url}/{group_path(hook)} has no training chunks")
+    rng = np.random.default_rng(seed)
+    carry = np.empty((0, 0), dtype=np.float32)
+    while True:
+        order = rng.permutation(len(regions))
+        for start in range(0, len(order), window):
+            tokens = [read_region(url, hook, regions[i]) for i in order[start : start + window]]
+            pool = np.concatenate([carry, *tokens]) if carry.size else np.concatenate(tokens)
+            pool = pool[rng.permutation(len(pool))]
+            n_full = len(pool) // batch_size * batch_size
+            for row in range(0, n_full, batch_size):
+                yield pool[row : row + batch_size]
+            carry = pool[n_full:]

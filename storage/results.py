@@ -116,13 +116,20 @@ def read_group(out: str, group: str) -> xr.Dataset | None:
         return None
 
 
+def _variable_length_strings(ds: xr.Dataset) -> xr.Dataset:
+    """Fixed-width numpy strings ('<U7') have no Zarr v3 spec; store them as variable-length strings."""
+    fixed = [name for name, var in ds.variables.items() if var.dtype.kind == "U"]
+    return ds.assign({name: ds[name].astype(object) for name in fixed if name in ds.data_vars}).assign_coords(
+        {name: ds[name].astype(object) for name in fixed if name in ds.coords})
+
+
 def write_group(out: str, group: str, ds: xr.Dataset) -> None:
     """Merge `ds` into the stored group (new cells win) and write it back atomically."""
     if group not in GROUPS:
         raise ResultsError(f"unknown results group {group!r}; groups are {GROUPS}")
     url = results_url(out)
     with write_lock(url):
-        merged = _merge(ds, read_group(out, group))
+        merged = _variable_length_strings(_merge(ds, read_group(out, group)))
         if is_local(url):
             _swap_in(_local_path(url), group, merged)
         else:

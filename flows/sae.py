@@ -1,0 +1,62 @@
+"""Flow: per hook, an SAE and its dense control → latents of every concept → evaluation."""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+from prefect import flow
+
+from flows.config import SAEStageConfig
+from storage.results import write_group
+from tasks.sae import SAE_KINDS, SAERef, encode_concept, evaluate_sae, train_or_load_sae
+
+METRICS = {
+    "mse": ("mean squared reconstruction error per token (sum over d_model)", "activation²"),
+    "explained_variance": ("1 − residual variance / activation variance", "1"),
+    "cossim": ("mean cosine similarity of reconstruction and activation", "1"),
+    "l0": ("mean number of active latents per token", "latents"),
+    "l1": ("mean L1 norm of the latents per token", "activation"),
+    "dead_fraction": ("fraction of latents that never fire on the held-out tokens", "1"),
+    "dense_fraction": ("fraction of latents firing on more than 10% of held-out tokens", "1"),
+    "n_tokens": ("held-out corpus tokens evaluated", "tokens"),
+}
+
+
+def sae_eval_dataset(model_name: str, refs: list[SAERef], metrics: list[dict]) -> xr.Dataset:
+    """The `sae_eval` group: metrics per (model, hook, sae kind)."""
+    hooks = list(dict.fromkeys(ref.hook for ref in refs))
+    kinds = [k for k in SAE_KINDS if any(ref.kind == k for ref in refs)]
+    shape = (1, len(hooks), len(kinds))
+    data = {name: np.full(shape, np.nan) for name in METRICS}
+    ids = np.full(shape, "", dtype=object)
+    for ref, values in zip(refs, metrics):
+        cell = (0, hooks.index(ref.hook), kinds.index(ref.kind))
+        ids[cell] = ref.sae_id
+        for name in METRICS:
+            data[name][cell] = values[name]
+    variables = {name: (("model", "hook", "sae"), data[name], {"long_name": name, "description": d, "units": u})
+                 for name, (d, u) in METRICS.items()}
+    variables["sae_id"] = (("model", "hook", "sae"), ids, {"description": "SAE checkpoint folder name"})
+    variables["ce_loss_score"] = (("model", "hook", "sae"), np.full(shape, np.nan), {
+        "long_name": "ce_loss_score", "units": "1",
+        "description": "(zero-ablation CE − spliced CE) / (zero-ablation CE − clean CE)",
+        "reason": "not computed: the spliced-in LM loss needs a model with an LM head; "
+                  "the activation models are loaded without one"})
+    return xr.Dataset(variables, coords={"model": [model_name], "hook": hooks, "sae": kinds})
+
+
+@flow(name="saema-sae", log_prints=True)
+def sae_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: tuple[str, ...],
+             cfg: SAEStageConfig = SAEStageConfig()) -> list[SAERef]:
+    """Train or load the SAEs, encode every concept, evaluate on held-out corpus tokens."""
+    kinds = [k for k in SAE_KINDS if k == "sae" or cfg.train_dense]
+    refs = [train_or_load_sae(out, model_name, hook, kind, cfg) for hook in hooks for kind in kinds]
+    for ref in refs:
+        for concept in concepts:
+            encode_concept(out, model_name, concept, ref)
+    metrics = [evaluate_sae(out, model_name, ref, cfg.holdout_fraction) for ref in refs]
+    write_group(out, "sae_eval", sae_eval_dataset(model_name, refs, metrics))
+    for ref, values in zip(refs, metrics):
+        print(f"{ref.hook} {ref.kind} {ref.sae_id}: EV {values['explained_variance']:.3f}, "
+              f"L0 {values['l0']:.1f}, dead {values['dead_fraction']:.3f}")
+    return refs

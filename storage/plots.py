@@ -1,0 +1,45 @@
+"""Plots of every stage, written as PNG files (and embedded in the report and Prefect artifacts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import xarray as xr  # noqa: E402
+
+_SPACE_STYLE = {"latent": ("tab:red", "-"), "dense_ae": ("tab:blue", "--"), "resid": ("tab:gray", ":")}
+
+
+def _save(fig, path: str) -> str:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_rank_vs_noise(ds: xr.Dataset, path: str, mode: str = "latent", estimator: str = "numerical") -> str:
+    """One panel per concept: replicate-mean rank vs σ (log axis) per space, spread as a band."""
+    concepts = list(ds.concept.values)
+    cols = min(3, len(concepts))
+    rows = -(-len(concepts) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    sigma = ds.noise.values
+    x = [s if s > 0 else sigma[sigma > 0].min() / 3 for s in sigma]  # σ=0 drawn left of the first level
+    for ax, concept in zip(axes.flat, concepts):
+        for space in ds.space.values:
+            rank = ds["rank"].sel(concept=concept, space=space, mode=mode, estimator=estimator)
+            color, style = _SPACE_STYLE.get(str(space), ("black", "-"))
+            ax.plot(x, rank.mean("replicate"), style, color=color, marker="o", ms=3, label=str(space))
+            ax.fill_between(x, rank.min("replicate"), rank.max("replicate"), color=color, alpha=0.15)
+        ax.set_xscale("log")
+        ax.set_title(str(concept), fontsize=10)
+        ax.set_xlabel("noise σ (σ=0 at far left)")
+        ax.set_ylabel(f"{mode}-mode rank")
+    for ax in list(axes.flat)[len(concepts):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"SAEMA rank vs noise — {ds.hook.values if ds.hook.size == 1 else ''} ({estimator})", fontsize=11)
+    return _save(fig, path)

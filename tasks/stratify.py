@@ -1,0 +1,96 @@
+"""Stratification tasks: one task per (hook, concept, space) runs its noise × replicate cells.
+
+The tasks run on Dask workers (prefect-dask); each pins its BLAS and torch threads so that workers do
+not oversubscribe the cores, and every cell draws its noise from a seed derived from (base seed,
+hook, concept, σ, replicate), so results do not depend on which worker computed what.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from threadpoolctl import threadpool_limits
+
+from saema_core.noise import derive_seed, noise_scale
+from saema_core.ranks import ESTIMATORS, MODES
+from saema_core.strata import support_strata
+from saema_core.stratification import analyse_cell
+from storage import activation_store as store
+from storage.sae_checkpoints import load_sae
+
+SPACES = ("resid", "latent", "dense_ae")
+
+
+@dataclass(frozen=True)
+class StratifyParams:
+    """The sweep of one stage run (validated by the flow's config)."""
+
+    noise_levels: tuple[float, ...]
+    replicates: int
+    noise_scale: str
+    base_seed: int
+    threads: int = 1
+
+
+def prompt_tensor(out: str, model_name: str, hook: str, concept: str) -> tuple[np.ndarray, np.ndarray]:
+    """A concept's activations as x (P, T, d) and mask (P, T), read from the activation store."""
+    ds = store.open_activations(store.activation_store_url(out, model_name), hook, concept)
+    n_prompts = int(ds.prompt_id.max() - ds.prompt_id.min() + 1)
+    x = ds.resid.values.reshape(n_prompts, -1, ds.sizes["d_model"])
+    return x, ds["mask"].values.reshape(n_prompts, -1)
+
+
+def encoder_for(space: str, sae_path: str | None) -> Callable[[np.ndarray], np.ndarray]:
+    """The map of a space: identity (resid), or the encoder of the SAE / dense AE at `sae_path`."""
+    if space == "resid":
+        return lambda x: x
+    sae = load_sae(sae_path)
+
+    def encode(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return sae.encode(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+
+    return encode
+
+
+def _sweep(x, mask, encode, params: StratifyParams, hook: str, concept: str, space: str) -> dict:
+    scale = noise_scale(x, mask, params.noise_scale, cell=f"{hook}/{concept}/{space}")
+    n_noise, n_rep = len(params.noise_levels), params.replicates
+    ranks = np.zeros((n_noise, n_rep, len(MODES), len(ESTIMATORS)))
+    counts = {"n_active": np.zeros((n_noise, n_rep, len(MODES))), "n_tokens": np.zeros((n_noise, n_rep, len(MODES)))}
+    strata = {name: np.zeros((n_noise, n_rep)) for name in ("n_supports", "mean_jaccard", "fraction_changed")}
+    reference = None
+    for i, sigma in enumerate(params.noise_levels):
+        for r in range(n_rep):
+            seed = derive_seed(params.base_seed, hook, concept, sigma, r)
+            cell = analyse_cell(x, mask, encode, sigma, scale, seed, cell=f"{hook}/{concept}/{space}/σ={sigma}/r={r}")
+            for m, mode in enumerate(MODES):
+                ranks[i, r, m] = [cell.ranks[mode][e] for e in ESTIMATORS]
+                counts["n_active"][i, r, m] = cell.spectra[mode].n_active
+                counts["n_tokens"][i, r, m] = cell.spectra[mode].n_tokens
+            reference = cell.supports if reference is None else reference
+            result = support_strata(cell.supports, reference)
+            for name in strata:
+                strata[name][i, r] = getattr(result, name)
+    return {"rank": ranks, **counts, **strata, "scale": scale, "n_analysed": int(mask.sum())}
+
+
+@task(name="stratify", task_run_name="stratify {hook} {concept} {space}", cache_policy=NO_CACHE,
+      retries=2, retry_delay_seconds=[1, 5])
+def stratify_cells(out: str, model_name: str, hook: str, concept: str, space: str,
+                   sae_path: str | None, params: StratifyParams) -> dict:
+    """Every (σ, replicate) cell of one (hook, concept, space): ranks, counts and support strata.
+
+    The σ = 0, replicate 0 supports are the reference of the strata statistics (noise levels are
+    sorted, so σ = 0 comes first when present).
+    """
+    torch.set_num_threads(params.threads)
+    with threadpool_limits(params.threads):
+        x, mask = prompt_tensor(out, model_name, hook, concept)
+        result = _sweep(x, mask, encoder_for(space, sae_path), params, hook, concept, space)
+    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result.items()}
