@@ -137,9 +137,43 @@ class StratifyConfig:
 
 
 @dataclass(frozen=True)
+class StructureStageConfig:
+    """Stage 5 (DESIGN.md §6): local (clusters) and global (centroid arrangement) representations."""
+
+    seeds: tuple[int, ...] = (42, 43, 44)
+    """UMAP seeds; metrics are reported per seed so their spread is visible."""
+    spaces: tuple[str, ...] = ("resid", "latent", "dense_ae")
+    """Spaces compared side by side."""
+    n_components: int = 50
+    """UMAP dimensions (the paper's)."""
+    n_neighbors: int = 15
+    """UMAP neighbourhood (the paper's)."""
+    min_dist: float = 0.1
+    """UMAP minimum distance (the paper's)."""
+    min_cluster_size: int = 10
+    """HDBSCAN minimum cluster size (the paper's)."""
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ValueError("at least one seed is required")
+        if "resid" not in self.spaces:
+            raise ValueError(f"spaces must include resid (the reference of the comparison), got {self.spaces}")
+        unknown = set(self.spaces) - {"resid", "latent", "dense_ae"}
+        if unknown:
+            raise ValueError(f"unknown spaces {sorted(unknown)}; spaces are resid, latent, dense_ae")
+
+    def core(self) -> "StructureConfig":
+        from saema_core.structure import StructureConfig
+
+        return StructureConfig(n_components=self.n_components, n_neighbors=self.n_neighbors,
+                               min_dist=self.min_dist, min_cluster_size=self.min_cluster_size)
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """`saema run`: every stage, each with its own validated configuration."""
 
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     sae: SAEStageConfig = field(default_factory=SAEStageConfig)
     stratify: StratifyConfig = field(default_factory=StratifyConfig)
+    structure: StructureStageConfig = field(default_factory=StructureStageConfig)

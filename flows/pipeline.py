@@ -12,13 +12,15 @@ from flows.config import PipelineConfig
 from flows.extract import extract_flow
 from flows.sae import sae_flow
 from flows.stratify import stratify_flow
+from flows.structure import structure_flow
+from storage.report import write_report
 
-STAGES = ("extract", "sae", "stratify")
+STAGES = ("extract", "sae", "stratify", "structure", "report")
 
 
 @flow(name="saema-pipeline", log_prints=True)
 def saema_pipeline(cfg: PipelineConfig = PipelineConfig(), stages: tuple[str, ...] = STAGES) -> None:
-    """prompts → activations → SAEs → stratification (→ structure → intervention → report)."""
+    """prompts → activations → SAEs → stratification → structure → report (intervention to come)."""
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)}; stages are {STAGES}")
@@ -30,3 +32,8 @@ def saema_pipeline(cfg: PipelineConfig = PipelineConfig(), stages: tuple[str, ..
     sae_refs = sae_flow(ex.out, ex.model.name, ex.hooks, concepts, cfg.sae)
     if "stratify" in stages:
         stratify_flow(ex.out, ex.model.name, ex.hooks, concepts, sae_refs, cfg.stratify)
+    if "structure" in stages:
+        structure_flow(ex.out, ex.model.name, ex.hooks, concepts, sae_refs, cfg.structure,
+                       cfg.stratify.dask_address, cfg.stratify.n_workers)
+    if "report" in stages:
+        print(f"report: {write_report(ex.out)}")

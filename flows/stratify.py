@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 from prefect import flow, unmapped
-from prefect_dask import DaskTaskRunner
 
 from flows.config import StratifyConfig
+from flows.dask import dask_runner
 from saema_core.ranks import ESTIMATORS, MODES
 from saema_core.stratification import stratification_verdict
 from storage.plots import plot_rank_vs_noise
@@ -16,15 +16,6 @@ from tasks.sae import SAERef
 from tasks.stratify import StratifyParams, stratify_cells
 
 _SPACE_SAE_KIND = {"latent": "sae", "dense_ae": "dense_ae"}
-
-
-def dask_runner(cfg: StratifyConfig) -> DaskTaskRunner:
-    """An existing scheduler by address, or a local cluster of single-threaded worker processes."""
-    if cfg.dask_address:
-        return DaskTaskRunner(address=cfg.dask_address)
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
-        "n_workers": cfg.n_workers, "threads_per_worker": 1, "processes": True,
-        "dashboard_address": None, "host": "127.0.0.1"})
 
 
 def _cells(hooks, concepts, spaces):
@@ -117,7 +108,7 @@ def stratify_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: t
     missing = [(h, s) for h, _, s in cells if s != "resid" and (h, _SPACE_SAE_KIND[s]) not in paths]
     if missing:
         raise ValueError(f"no SAE for (hook, space) {sorted(set(missing))}; train or pass them first")
-    grid = stratify_grid.with_options(task_runner=dask_runner(cfg))
+    grid = stratify_grid.with_options(task_runner=dask_runner(cfg.dask_address, cfg.n_workers))
     results = grid(out, model_name, cells, [paths.get((h, _SPACE_SAE_KIND.get(s))) for h, _, s in cells], params)
     ds = stratification_dataset(model_name, cells, results, cfg, list(hooks), list(concepts))
     write_group(out, "stratification", ds)

@@ -7,7 +7,9 @@ import os
 import sys
 from collections.abc import Callable
 
-from flows.config import DEFAULT_HOOKS, DEFAULT_OUT, ExtractConfig, PipelineConfig, SAEStageConfig, StratifyConfig
+from flows.config import (DEFAULT_HOOKS, DEFAULT_OUT, ExtractConfig, PipelineConfig, SAEStageConfig,
+                          StratifyConfig, StructureStageConfig)
+from saema.query_cli import add_query_arguments, add_report_arguments
 from storage.corpus import DEFAULT_CORPUS
 from storage.models import DEFAULT_MODEL, ModelSpec
 
@@ -115,14 +117,32 @@ def stratify_config(args: argparse.Namespace) -> StratifyConfig:
                           dask_address=args.dask_address, n_workers=args.workers)
 
 
+def _add_structure_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("structure (local and global representations)")
+    defaults = StructureStageConfig()
+    group.add_argument("--umap-seeds", type=int, nargs="+", default=list(defaults.seeds),
+                       help="UMAP seeds; the spread over them is reported (default: %(default)s)")
+    group.add_argument("--min-cluster-size", type=int, default=defaults.min_cluster_size,
+                       help="HDBSCAN minimum cluster size (default: %(default)s)")
+    group.add_argument("--n-neighbors", type=int, default=defaults.n_neighbors,
+                       help="UMAP neighbours (default: %(default)s)")
+
+
+def structure_config(args: argparse.Namespace) -> StructureStageConfig:
+    return StructureStageConfig(seeds=tuple(args.umap_seeds), min_cluster_size=args.min_cluster_size,
+                                n_neighbors=args.n_neighbors)
+
+
 def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
-    return PipelineConfig(extract=extract_config(args), sae=sae_config(args), stratify=stratify_config(args))
+    return PipelineConfig(extract=extract_config(args), sae=sae_config(args), stratify=stratify_config(args),
+                          structure=structure_config(args))
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     _add_extract_options(parser)
     _add_sae_options(parser)
     _add_stratify_options(parser)
+    _add_structure_options(parser)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -143,6 +163,12 @@ def cmd_stratify(args: argparse.Namespace) -> None:
     saema_pipeline(pipeline_config(args), stages=("extract", "sae", "stratify"))
 
 
+def cmd_structure(args: argparse.Namespace) -> None:
+    from flows.pipeline import saema_pipeline
+
+    saema_pipeline(pipeline_config(args), stages=("extract", "sae", "structure"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="saema", description="SAE Manifold Analyzer: how SAEs reorganise a model's representations")
@@ -158,12 +184,31 @@ def build_parser() -> argparse.ArgumentParser:
         "stratify": ("SAEMA stratification: noise sweep, SSPD ranks and the verdict on Dask (runs the "
                      "earlier stages first where their results are missing; they are cached)",
                      _add_run_options, cmd_stratify),
+        "structure": ("local and global representations: UMAP + HDBSCAN clusters and their geometry in "
+                      "resid, latent and dense-AE space (earlier stages run where missing)",
+                      _add_run_options, cmd_structure),
     }
+    commands["query"] = ("print stored results as tables (table, csv or json), filtered by model, hook, "
+                         "concept and group", add_query_arguments, run_query)
+    commands["report"] = ("write the self-contained HTML report of every stored result",
+                          add_report_arguments, run_report)
     for name, (help_text, add_options, handler) in commands.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
         add_options(command)
         command.set_defaults(handler=handler)
     return parser
+
+
+def run_query(args: argparse.Namespace) -> int:
+    from saema.query_cli import run_query as run
+
+    return run(args)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from saema.query_cli import run_report as run
+
+    return run(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,11 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = build_parser().parse_args(argv)
     try:
-        args.handler(args)
+        return args.handler(args) or 0
     except (ValueError, FileNotFoundError) as error:
         print(f"saema {args.command}: error: {error}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import xarray as xr  # noqa: E402
 
 _SPACE_STYLE = {"latent": ("tab:red", "-"), "dense_ae": ("tab:blue", "--"), "resid": ("tab:gray", ":")}
@@ -42,4 +43,25 @@ def plot_rank_vs_noise(ds: xr.Dataset, path: str, mode: str = "latent", estimato
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"SAEMA rank vs noise — {ds.hook.values if ds.hook.size == 1 else ''} ({estimator})", fontsize=11)
+    return _save(fig, path)
+
+
+def plot_structure_scatter(panels: dict[str, dict], tokens, title: str, path: str, max_labels: int = 40) -> str:
+    """2-D UMAP per space, coloured by HDBSCAN cluster (grey = noise), distinct tokens annotated."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
+    for ax, (space, result) in zip(axes.flat, panels.items()):
+        xy, labels = np.asarray(result["xy"]), np.asarray(result["labels"])
+        colours = plt.cm.tab20(np.mod(labels, 20))
+        colours[labels < 0] = (0.75, 0.75, 0.75, 0.6)
+        ax.scatter(xy[:, 0], xy[:, 1], c=colours, s=9, linewidths=0)
+        seen: set[str] = set()
+        for (x, y), token in zip(xy, tokens):
+            if token not in seen and len(seen) < max_labels:
+                seen.add(token)
+                ax.annotate(token, (x, y), fontsize=6, alpha=0.8)
+        n = int(result["metrics"]["n_clusters"]) if np.isfinite(result["metrics"]["n_clusters"]) else 0
+        ax.set_title(f"{space}: {n} clusters", fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=11)
     return _save(fig, path)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from flows.config import ExtractConfig, PipelineConfig, SAEStageConfig, StratifyConfig
+from flows.config import ExtractConfig, PipelineConfig, SAEStageConfig, StratifyConfig, StructureStageConfig
 from flows.pipeline import saema_pipeline
 from storage import latent_store
 from storage.models import ModelSpec
@@ -30,7 +30,8 @@ def pipeline_run(tmp_path_factory, tiny_model_dirs):
                               hooks=(HOOK,), concepts=("days", "planets"), corpus=str(corpus),
                               batch_size=16, corpus_seq_len=64, corpus_batch_size=8, corpus_max_tokens=8192),
         sae=SAEStageConfig(expansion=4, k=8, n_steps=30, batch_size=256, dead_tokens=2000),
-        stratify=StratifyConfig(noise_levels=(0.0, 0.1, 1.0), replicates=2, n_workers=2))
+        stratify=StratifyConfig(noise_levels=(0.0, 0.1, 1.0), replicates=2, n_workers=2),
+        structure=StructureStageConfig(seeds=(42, 43), n_components=5))
     saema_pipeline(cfg)
     return cfg
 
@@ -77,6 +78,21 @@ def test_a_cell_alone_equals_the_grid_and_workers_do_not_matter(pipeline_run, tm
     np.testing.assert_array_equal(one_worker["rank"].values, two_workers["rank"].values)
 
 
+def test_structure_group_keeps_labels_and_tokens(pipeline_run):
+    out, model = pipeline_run.extract.out, pipeline_run.extract.model.name
+    ds = read_group(out, "structure").sel(model=model, hook=HOOK, concept="planets")
+    assert set(ds.space.values) == {"resid", "latent", "dense_ae"} and list(ds.seed.values) == [42, 43]
+    tokens = ds.token_str.values
+    labels = ds.cluster_label.sel(space="latent", seed=42).values
+    analysed = tokens != ""
+    assert {"mars", "saturn"} <= set(tokens[analysed])
+    assert np.isfinite(labels[analysed]).all() and np.isnan(labels[~analysed]).all()
+    assert np.isnan(ds.procrustes_disparity.sel(space="resid")).all()
+    assert (ds.n_clusters >= 0).all()
+    from pathlib import Path
+    assert Path(out, "plots", f"structure_{HOOK}_planets.png").stat().st_size > 1000
+
+
 def test_results_open_with_plain_xarray(pipeline_run):
     tree = xr.open_datatree(f"{pipeline_run.extract.out}/results.zarr", engine="zarr")
-    assert {"sae_eval", "stratification", "strata"} <= set(tree.children)
+    assert {"sae_eval", "stratification", "strata", "structure"} <= set(tree.children)

@@ -1,0 +1,120 @@
+"""`saema query` and `saema report`: read the results store from the command line.
+
+    saema query --out DIR                                   # what every group holds
+    saema query --out DIR --group stratification --hook blocks.3.hook_resid_post --format csv
+    saema report --out DIR                                  # DIR/report.html, self-contained
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import pandas as pd
+import xarray as xr
+
+from flows.config import DEFAULT_OUT
+from saema.api import query, to_frame
+from storage.results import GROUPS
+
+FORMATS = ("table", "csv", "json")
+TABLE_ROWS = 50
+"""Rows a `table` prints when no --limit is given (csv and json print everything)."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
+def add_query_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder or fsspec URL (default: {DEFAULT_OUT})")
+    parser.add_argument("--group", choices=GROUPS, default=None,
+                        help="results group to print; without it, a summary of every group")
+    parser.add_argument("--model", nargs="+", default=None, help="keep only these models")
+    parser.add_argument("--hook", nargs="+", default=None, help="keep only these hooks, e.g. blocks.3.hook_resid_post")
+    parser.add_argument("--concept", nargs="+", default=None, help="keep only these concepts")
+    parser.add_argument("--var", dest="variables", nargs="+", default=None, metavar="NAME",
+                        help="variables to print (default: all but per-token ones larger than 200k cells)")
+    parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default: %(default)s)")
+    parser.add_argument("--limit", type=_positive_int, default=None,
+                        help=f"print at most N rows (default: {TABLE_ROWS} for table, all for csv/json)")
+
+
+def _sizes(ds: xr.Dataset) -> str:
+    return ", ".join(f"{dim}: {size}" for dim, size in ds.sizes.items())
+
+
+def summary_frame(groups: dict[str, xr.Dataset]) -> pd.DataFrame:
+    """One row per (group, variable): its dims, shape, dtype, units and description."""
+    rows = [{"group": name, "variable": str(var), "dims": "×".join(map(str, ds[var].dims)),
+             "shape": "×".join(map(str, ds[var].shape)), "dtype": str(ds[var].dtype),
+             "units": str(ds[var].attrs.get("units", "")), "description": str(ds[var].attrs.get("description", ""))}
+            for name, ds in groups.items() for var in ds.data_vars]
+    return pd.DataFrame(rows, columns=["group", "variable", "dims", "shape", "dtype", "units", "description"])
+
+
+def _emit(frame: pd.DataFrame, fmt: str, limit: int | None) -> None:
+    """Write a frame to stdout as csv or json records (NaN → empty / null)."""
+    frame = frame if limit is None else frame.head(limit)
+    if fmt == "csv":
+        frame.to_csv(sys.stdout, index=False)
+    else:
+        sys.stdout.write(frame.to_json(orient="records", force_ascii=False) + "\n")
+
+
+def _print_table(title: str, frame: pd.DataFrame, limit: int) -> None:
+    print(f"== {title} ==")
+    print(frame.head(limit).to_string(index=False, max_colwidth=70))
+    if len(frame) > limit:
+        print(f"… {limit} of {len(frame)} rows shown (--limit N for more, --format csv for all)")
+    print()
+
+
+def _print_summary(groups: dict[str, xr.Dataset], fmt: str, limit: int | None) -> None:
+    frame = summary_frame(groups)
+    if fmt != "table":
+        _emit(frame, fmt, limit)
+        return
+    for name, ds in groups.items():
+        rows = frame[frame.group == name].drop(columns="group")
+        _print_table(f"{name} ({_sizes(ds)})", rows, limit or TABLE_ROWS)
+
+
+def _print_group(name: str, ds: xr.Dataset, args: argparse.Namespace) -> None:
+    frame = to_frame(ds, args.variables)
+    if frame.attrs["skipped"]:
+        print(f"saema query: left out large variables {frame.attrs['skipped']}; name them with --var",
+              file=sys.stderr)
+    if args.format == "table":
+        _print_table(f"{name} ({_sizes(ds)})", frame, args.limit or TABLE_ROWS)
+    else:
+        _emit(frame, args.format, args.limit)
+
+
+def run_query(args: argparse.Namespace) -> int:
+    """Print one group as a tidy table (or every group's summary); errors are ResultsError (ValueError)."""
+    if args.variables and args.group is None:
+        raise ValueError("--var needs --group (variables belong to one group)")
+    result = query(args.out, args.group, model=args.model, hook=args.hook, concept=args.concept)
+    if isinstance(result, dict):
+        _print_summary(result, args.format, args.limit)
+    else:
+        _print_group(args.group, result, args)
+    return 0
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder or fsspec URL (default: {DEFAULT_OUT})")
+    parser.add_argument("--output", default=None, metavar="PATH",
+                        help="where to write the HTML report (default: <out>/report.html)")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """Write the self-contained HTML report and print its path."""
+    from storage.report import write_report  # matplotlib is only needed here
+
+    print(f"report written to {write_report(args.out, args.output)}")
+    return 0

@@ -1,0 +1,298 @@
+"""The HTML report of a results store: one self-contained file (DESIGN.md §4.8).
+
+Every plot is a PNG embedded as a base64 data URI and the styling is inline, so the file can be
+mailed or archived alone. One section per stored group: key-metric tables, rank-vs-noise plots
+(regenerated from the store, so they cover every model and hook it holds), strata plots, generic
+tables for groups without a dedicated layout, then any other PNG under `<out>/plots/`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import fsspec
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from storage.activation_store import is_local
+from storage.plots import plot_rank_vs_noise
+from storage.provenance import provenance
+from storage.results import GROUPS, open_results, results_url
+
+PER_ITEM_DIMS = frozenset({"token", "prompt", "position", "d_model", "latent", "cluster", "step"})
+"""Dimensions of per-token / per-step detail (and any `token_*` dim); not tabulated generically."""
+MAX_TABLE_CELLS = 200_000
+MAX_TABLE_ROWS = 400
+VERDICT = ("stratified", "n_strata", "transition_noise")
+STRATA_PLOTTED = ("mean_jaccard", "fraction_changed")
+_SPACE_COLOR = {"latent": "tab:red", "dense_ae": "tab:blue", "resid": "tab:gray"}
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+h1 { border-bottom: 2px solid #444; } h2 { margin-top: 2em; border-bottom: 1px solid #bbb; }
+table.data { border-collapse: collapse; font-size: 0.85em; margin: 0.6em 0; }
+table.data th, table.data td { padding: 2px 8px; border-bottom: 1px solid #ddd; text-align: right; }
+figure { margin: 1em 0; } figure img { max-width: 100%; } figcaption { font-size: 0.85em; color: #555; }
+.note { font-size: 0.85em; color: #555; } footer { margin-top: 3em; font-size: 0.8em; color: #666; }
+"""
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def figure_uri(fig) -> str:
+    """Render a matplotlib figure to a PNG data URI and close it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return data_uri(buffer.getvalue())
+
+
+def image_html(uri: str, caption: str) -> str:
+    return f'<figure><img src="{uri}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+
+
+def note_html(text: str) -> str:
+    return f'<p class="note">{html.escape(text)}</p>'
+
+
+def table_html(frame: pd.DataFrame, max_rows: int = MAX_TABLE_ROWS) -> str:
+    """A pandas table (4 significant digits, '—' for NaN), truncated with a note past `max_rows`."""
+    shown = frame.head(max_rows).to_html(classes="data", border=0, na_rep="—",
+                                         float_format=lambda value: f"{value:.4g}")
+    if len(frame) > max_rows:
+        shown += note_html(f"first {max_rows} of {len(frame)} rows; `saema query` prints them all")
+    return shown
+
+
+def glossary_html(ds: xr.Dataset) -> str:
+    """What each variable means: dims, units, description (from the variables' attributes)."""
+    rows = [{"variable": str(name), "dims": " × ".join(map(str, var.dims)), "units": var.attrs.get("units", ""),
+             "description": var.attrs.get("description", "")} for name, var in ds.data_vars.items()]
+    frame = pd.DataFrame(rows).set_index("variable")
+    return f"<details><summary>variables</summary>{table_html(frame)}</details>"
+
+
+def attrs_html(ds: xr.Dataset) -> str:
+    if not ds.attrs:
+        return ""
+    return note_html("attributes: " + ", ".join(f"{key}={value}" for key, value in ds.attrs.items()))
+
+
+def has_labels(ds: xr.Dataset, **labels: str) -> bool:
+    return all(dim in ds.coords and value in [str(v) for v in ds[dim].values] for dim, value in labels.items())
+
+
+def cell_frame(ds: xr.Dataset, variables: list[str]) -> pd.DataFrame:
+    """Variables as columns indexed by their dims; rows never computed (all NaN) dropped."""
+    frame = ds[variables].to_dataframe()[variables]
+    return frame.dropna(how="all")
+
+
+# --- sae_eval ---------------------------------------------------------------------------------------
+
+def sae_eval_section(ds: xr.Dataset) -> list[str]:
+    """Reconstruction metrics per (model, hook, SAE kind)."""
+    numeric = [str(v) for v in ds.data_vars if ds[v].dtype.kind in "fiub"]
+    labels = [str(v) for v in ds.data_vars if v not in numeric]
+    return [table_html(cell_frame(ds, labels + numeric))]
+
+
+# --- stratification ---------------------------------------------------------------------------------
+
+def verdict_frame(ds: xr.Dataset) -> pd.DataFrame:
+    """The latent-mode, numerical-rank verdict per (model, hook, concept), spaces side by side."""
+    present = [v for v in VERDICT if v in ds]
+    frame = ds[present].sel(mode="latent", estimator="numerical").to_dataframe()[present]
+    frame = frame.dropna(subset=["n_strata"]) if "n_strata" in present else frame.dropna(how="all")
+    if "stratified" in present:  # merged runs turn the bool into float (NaN holes); computed rows are 0/1
+        frame["stratified"] = frame["stratified"].astype("boolean")
+    return frame.unstack("space") if "space" in frame.index.names else frame
+
+
+def verdict_summary(ds: xr.Dataset) -> str:
+    """'stratified in k of n computed (hook, concept) cells' for the SAE's latent space."""
+    cells = ds.sel(mode="latent", estimator="numerical", space="latent")
+    computed = cells["n_strata"].notnull().values
+    stratified = int(np.sum(cells["stratified"].values.astype(bool) & computed))
+    return f"SAE latent space, latent mode, numerical rank: stratified in {stratified} of {int(computed.sum())} " \
+           f"computed (model, hook, concept) cells."
+
+
+def computed_cells(ds: xr.Dataset, variable: str) -> xr.Dataset:
+    """Leave out concepts and spaces never computed for this (model, hook): merged runs leave NaN holes."""
+    for dim in ("concept", "space"):
+        ds = ds.dropna(dim, how="all", subset=[variable])
+    return ds
+
+
+def rank_plots(ds: xr.Dataset) -> list[str]:
+    """One rank-vs-noise figure per (model, hook), drawn by storage.plots.plot_rank_vs_noise."""
+    parts = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in ds.model.values:
+            for hook in ds.hook.values:
+                cell = computed_cells(ds.sel(model=model, hook=hook).load(), "rank")
+                if cell.concept.size == 0:
+                    continue  # this (model, hook) was never run
+                path = plot_rank_vs_noise(cell, f"{tmp}/rank.png")
+                parts.append(image_html(data_uri(Path(path).read_bytes()), f"rank vs noise σ — {model}, {hook}"))
+    return parts
+
+
+def stratification_section(ds: xr.Dataset) -> list[str]:
+    if not has_labels(ds, mode="latent", estimator="numerical"):
+        return [note_html("no latent-mode numerical ranks stored; generic table instead")] + generic_section(ds)
+    summarise = has_labels(ds, space="latent") and {"stratified", "n_strata"} <= set(ds.data_vars)
+    parts = [note_html(verdict_summary(ds))] if summarise else []
+    parts.append(table_html(verdict_frame(ds)))
+    if "rank" in ds and bool((ds.noise > 0).any()):
+        parts += rank_plots(ds)
+    return parts
+
+
+def plotted_names(tree: xr.DataTree) -> set[str]:
+    """Files under <out>/plots/ that the report regenerates (the stratify flow's per-hook plots)."""
+    if "stratification" not in tree.children:
+        return set()
+    return {f"stratification_{hook}.png" for hook in tree["stratification"].ds.hook.values}
+
+
+# --- strata -----------------------------------------------------------------------------------------
+
+def _sigma_axis(noise: np.ndarray) -> np.ndarray:
+    """σ for a log axis: σ = 0 is drawn a third of the first positive level to its left."""
+    positive = noise[noise > 0]
+    floor = positive.min() / 3 if positive.size else 1.0
+    return np.where(noise > 0, noise, floor)
+
+
+def plot_strata_vs_noise(cell: xr.Dataset, title: str):
+    """Per variable a panel: concept-mean of the replicate mean vs σ per space, band = concept range."""
+    names = [v for v in STRATA_PLOTTED if v in cell]
+    fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 3.3), squeeze=False)
+    x = _sigma_axis(cell.noise.values)
+    for ax, name in zip(axes.flat, names):
+        per_concept = cell[name].mean("replicate") if "replicate" in cell[name].dims else cell[name]
+        for space in cell.space.values:
+            curve = per_concept.sel(space=space)
+            color = _SPACE_COLOR.get(str(space), "black")
+            ax.plot(x, curve.mean("concept"), marker="o", ms=3, color=color, label=str(space))
+            ax.fill_between(x, curve.min("concept"), curve.max("concept"), color=color, alpha=0.15)
+        ax.set_xscale("log")
+        ax.set_xlabel("noise σ (σ=0 at far left)")
+        ax.set_ylabel(name)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def noise_table(ds: xr.Dataset, name: str) -> pd.DataFrame:
+    """Mean over concepts and replicates of one variable: rows (model, hook, space), columns σ."""
+    reduce = [d for d in ("concept", "replicate") if d in ds[name].dims]
+    frame = ds[name].mean(reduce).to_dataframe()[name].unstack("noise")
+    return frame.dropna(how="all")
+
+
+def strata_section(ds: xr.Dataset) -> list[str]:
+    needed = {"noise", "space", "concept"}
+    names = [v for v in STRATA_PLOTTED if v in ds]
+    if not names or not needed <= set(ds.dims):
+        return generic_section(ds)
+    parts = []
+    for name in [v for v in ("n_supports", *STRATA_PLOTTED) if v in ds]:
+        parts += [f"<h3>{html.escape(name)} (mean over concepts and replicates)</h3>", table_html(noise_table(ds, name))]
+    for model in ds.model.values:
+        for hook in ds.hook.values:
+            cell = computed_cells(ds.sel(model=model, hook=hook).load(), names[0])
+            if cell.concept.size:
+                parts.append(image_html(figure_uri(plot_strata_vs_noise(cell, f"{model}, {hook}")),
+                                        f"support strata vs noise σ — {model}, {hook}"))
+    return parts
+
+
+# --- any other group --------------------------------------------------------------------------------
+
+def scalar_variables(ds: xr.Dataset) -> dict[tuple[str, ...], list[str]]:
+    """Variables without per-token/per-step dims, grouped by their dims (one table per dims)."""
+    tables: dict[tuple[str, ...], list[str]] = {}
+    for name, var in ds.data_vars.items():
+        dims = set(map(str, var.dims))
+        if not PER_ITEM_DIMS & dims and not any(d.startswith("token") for d in dims) and var.size <= MAX_TABLE_CELLS:
+            tables.setdefault(tuple(map(str, var.dims)), []).append(str(name))
+    return tables
+
+
+def generic_section(ds: xr.Dataset) -> list[str]:
+    tables = {dims: names for dims, names in scalar_variables(ds).items() if dims}
+    parts = [table_html(cell_frame(ds, names)) for names in tables.values()]
+    tabulated = {name for names in tables.values() for name in names}
+    left = [f"{name} ({' × '.join(map(str, ds[name].dims)) or 'scalar'})" for name in map(str, ds.data_vars)
+            if name not in tabulated]
+    if left:
+        parts.append(note_html("not tabulated (per-token or per-step detail, or scalar): " + ", ".join(left)))
+    return parts
+
+
+SECTIONS: dict[str, Callable[[xr.Dataset], list[str]]] = {
+    "sae_eval": sae_eval_section, "stratification": stratification_section, "strata": strata_section}
+
+
+def group_section(name: str, ds: xr.Dataset) -> str:
+    sizes = ", ".join(f"{dim}: {size}" for dim, size in ds.sizes.items())
+    body = SECTIONS.get(name, generic_section)(ds)
+    return "\n".join([f'<section id="{name}"><h2>{html.escape(name)}</h2>', note_html(f"dims — {sizes}"),
+                      attrs_html(ds), *body, glossary_html(ds), "</section>"])
+
+
+# --- other plots, footer, page ----------------------------------------------------------------------
+
+def other_plots_section(out: str, skip: set[str]) -> str:
+    """Every PNG under <out>/plots/ whose name is not in `skip` (plots the report already drew)."""
+    fs, root = fsspec.core.url_to_fs(f"{out.rstrip('/')}/plots")
+    if not fs.exists(root):
+        return ""
+    files = sorted(p for p in fs.glob(f"{root}/**/*.png") if Path(p).name not in skip)
+    images = [image_html(data_uri(fs.cat_file(p)), p[len(root):].lstrip("/")) for p in files]
+    return f'<section id="other-plots"><h2>Other plots</h2>{"".join(images)}</section>' if images else ""
+
+
+def footer_html(out: str) -> str:
+    meta = provenance()
+    return (f"<footer>saema {html.escape(meta['saema_version'])} (git {html.escape(meta['git_commit'])}) · "
+            f"report created {html.escape(meta['created'])} · results store {html.escape(results_url(out))}</footer>")
+
+
+def render_report(out: str) -> str:
+    """The report of `<out>/results.zarr` as one HTML string."""
+    tree = open_results(out)
+    names = [g for g in GROUPS if g in tree.children]
+    sections = [group_section(name, tree[name].to_dataset()) for name in names]
+    contents = " · ".join(f'<a href="#{name}">{name}</a>' for name in names) or "no result groups stored yet"
+    return "\n".join([
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
+        f"<title>saema report — {html.escape(out)}</title><style>{CSS}</style></head><body>",
+        f"<h1>saema report</h1><p>{html.escape(results_url(out))}</p><nav>{contents}</nav>",
+        *sections, other_plots_section(out, plotted_names(tree)), footer_html(out), "</body></html>"])
+
+
+def write_report(out: str, path: str | None = None) -> str:
+    """Write the self-contained HTML report (default `<out>/report.html`); returns its path."""
+    path = path or f"{out.rstrip('/')}/report.html"
+    page = render_report(out)
+    if is_local(path):
+        Path(path.removeprefix("file://")).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    with fsspec.open(path, "w", encoding="utf-8") as file:
+        file.write(page)
+    return path
