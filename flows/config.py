@@ -170,6 +170,42 @@ class StructureStageConfig:
 
 
 @dataclass(frozen=True)
+class InterventionStageConfig:
+    """Stage 6 (DESIGN.md §7): optimised per-cluster translations that change separability."""
+
+    objectives: tuple[str, ...] = ("aedp", "gw")
+    """Separability measures: aedp (centroid distances) and gw (Gromov–Wasserstein, POT)."""
+    alphas: tuple[float, ...] = (0.5, 0.8, 1.0, 1.2, 1.5)
+    """Weights α of the separability term (the paper's)."""
+    directions: tuple[int, ...] = (1, -1)
+    """+1 separate, −1 merge."""
+    lam: float = 1.0
+    """Weight λ of the reconstruction term (the paper's)."""
+    steps: int = 10
+    """Adam steps (the paper's 10)."""
+    lr: float = 0.01
+    """Adam learning rate."""
+    clamp: bool = True
+    """Clamp moved latents to ≥ 0 (ReLU/TopK SAEs)."""
+    n_boot: int = 2000
+    """Bootstrap resamples of the correlation CIs."""
+    seed: int = 0
+    """Seeds the random controls, the GW subsample and the bootstrap."""
+
+    def __post_init__(self) -> None:
+        from saema_core.intervention import InterventionConfig
+
+        for objective in self.objectives:
+            InterventionConfig(objective=objective, lam=self.lam, steps=self.steps, lr=self.lr)
+        for alpha in self.alphas:
+            InterventionConfig(alpha=alpha)
+        for direction in self.directions:
+            InterventionConfig(direction=direction)
+        if len(self.alphas) * len(self.directions) < 3:
+            raise ValueError("at least 3 (direction, α) cells are needed for a correlation")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """`saema run`: every stage, each with its own validated configuration."""
 
@@ -177,3 +213,4 @@ class PipelineConfig:
     sae: SAEStageConfig = field(default_factory=SAEStageConfig)
     stratify: StratifyConfig = field(default_factory=StratifyConfig)
     structure: StructureStageConfig = field(default_factory=StructureStageConfig)
+    intervention: InterventionStageConfig = field(default_factory=InterventionStageConfig)

@@ -12,15 +12,16 @@ from flows.config import PipelineConfig
 from flows.extract import extract_flow
 from flows.sae import sae_flow
 from flows.stratify import stratify_flow
+from flows.intervention import intervention_flow
 from flows.structure import structure_flow
 from storage.report import write_report
 
-STAGES = ("extract", "sae", "stratify", "structure", "report")
+STAGES = ("extract", "sae", "stratify", "structure", "intervention", "report")
 
 
 @flow(name="saema-pipeline", log_prints=True)
 def saema_pipeline(cfg: PipelineConfig = PipelineConfig(), stages: tuple[str, ...] = STAGES) -> None:
-    """prompts → activations → SAEs → stratification → structure → report (intervention to come)."""
+    """prompts → activations → SAEs → stratification → structure → intervention → report."""
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)}; stages are {STAGES}")
@@ -35,5 +36,8 @@ def saema_pipeline(cfg: PipelineConfig = PipelineConfig(), stages: tuple[str, ..
     if "structure" in stages:
         structure_flow(ex.out, ex.model.name, ex.hooks, concepts, sae_refs, cfg.structure,
                        cfg.stratify.dask_address, cfg.stratify.n_workers)
+    if "intervention" in stages:
+        intervention_flow(ex.out, ex.model.name, ex.hooks, concepts, sae_refs, cfg.intervention,
+                          cfg.structure.seeds[0], cfg.stratify.dask_address, cfg.stratify.n_workers)
     if "report" in stages:
         print(f"report: {write_report(ex.out)}")

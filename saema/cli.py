@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 
 from flows.config import (DEFAULT_HOOKS, DEFAULT_OUT, ExtractConfig, PipelineConfig, SAEStageConfig,
-                          StratifyConfig, StructureStageConfig)
+                          StratifyConfig, StructureStageConfig, InterventionStageConfig)
 from saema.query_cli import add_query_arguments, add_report_arguments
 from storage.corpus import DEFAULT_CORPUS
 from storage.models import DEFAULT_MODEL, ModelSpec
@@ -133,9 +133,27 @@ def structure_config(args: argparse.Namespace) -> StructureStageConfig:
                                 n_neighbors=args.n_neighbors)
 
 
+def _add_intervention_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("intervention (separability → reconstruction)")
+    defaults = InterventionStageConfig()
+    group.add_argument("--objectives", nargs="+", default=list(defaults.objectives), choices=["aedp", "gw"],
+                       help="separability measures (default: %(default)s)")
+    group.add_argument("--alphas", type=float, nargs="+", default=list(defaults.alphas),
+                       help="separability weights α (default: %(default)s)")
+    group.add_argument("--intervention-steps", type=int, default=defaults.steps,
+                       help="Adam steps per intervention (default: %(default)s)")
+    group.add_argument("--intervention-lr", type=float, default=defaults.lr,
+                       help="Adam learning rate (default: %(default)s)")
+
+
+def intervention_config(args: argparse.Namespace) -> InterventionStageConfig:
+    return InterventionStageConfig(objectives=tuple(args.objectives), alphas=tuple(args.alphas),
+                                   steps=args.intervention_steps, lr=args.intervention_lr)
+
+
 def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
     return PipelineConfig(extract=extract_config(args), sae=sae_config(args), stratify=stratify_config(args),
-                          structure=structure_config(args))
+                          structure=structure_config(args), intervention=intervention_config(args))
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -143,6 +161,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     _add_sae_options(parser)
     _add_stratify_options(parser)
     _add_structure_options(parser)
+    _add_intervention_options(parser)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -169,6 +188,12 @@ def cmd_structure(args: argparse.Namespace) -> None:
     saema_pipeline(pipeline_config(args), stages=("extract", "sae", "structure"))
 
 
+def cmd_intervene(args: argparse.Namespace) -> None:
+    from flows.pipeline import saema_pipeline
+
+    saema_pipeline(pipeline_config(args), stages=("extract", "sae", "structure", "intervention"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="saema", description="SAE Manifold Analyzer: how SAEs reorganise a model's representations")
@@ -187,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
         "structure": ("local and global representations: UMAP + HDBSCAN clusters and their geometry in "
                       "resid, latent and dense-AE space (earlier stages run where missing)",
                       _add_run_options, cmd_structure),
+        "intervene": ("optimised separate/merge interventions on the latent clusters, random controls, "
+                      "ΔSep–ΔMSE correlations and a verdict (earlier stages run where missing)",
+                      _add_run_options, cmd_intervene),
     }
     commands["query"] = ("print stored results as tables (table, csv or json), filtered by model, hook, "
                          "concept and group", add_query_arguments, run_query)

@@ -65,3 +65,27 @@ def plot_structure_scatter(panels: dict[str, dict], tokens, title: str, path: st
         ax.set_yticks([])
     fig.suptitle(title, fontsize=11)
     return _save(fig, path)
+
+
+def plot_intervention(ds: xr.Dataset, path: str) -> str:
+    """ΔMSE vs ΔSep per objective: optimised interventions (filled) and random controls (hollow)."""
+    objectives = list(ds.objective.values)
+    fig, axes = plt.subplots(1, len(objectives), figsize=(5 * len(objectives), 4), squeeze=False)
+    for ax, objective in zip(axes.flat, objectives):
+        cell = ds.sel(objective=objective)
+        for i, concept in enumerate(cell.concept.values):
+            colour = plt.cm.tab10(i % 10)
+            for kind, face in (("optimised", colour), ("control", "none")):
+                sep = cell.separability.sel(concept=concept, intervention=kind)
+                mse = cell.mse.sel(concept=concept, intervention=kind)
+                d_sep = (sep.isel(step=-1) - sep.isel(step=0)).values.ravel()
+                d_mse = (mse.isel(step=-1) - mse.isel(step=0)).values.ravel()
+                ax.scatter(d_sep, d_mse, s=18, facecolors=face, edgecolors=colour,
+                           label=str(concept) if kind == "optimised" else None)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.axvline(0, color="grey", lw=0.5)
+        ax.set_xlabel(f"ΔSep ({objective})")
+        ax.set_ylabel("ΔMSE")
+        ax.set_title(f"{objective}: filled = optimised, hollow = random control", fontsize=9)
+    axes.flat[0].legend(fontsize=7, ncol=2)
+    return _save(fig, path)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from flows.config import ExtractConfig, PipelineConfig, SAEStageConfig, StratifyConfig, StructureStageConfig
+from flows.config import (ExtractConfig, InterventionStageConfig, PipelineConfig, SAEStageConfig,
+                          StratifyConfig, StructureStageConfig)
 from flows.pipeline import saema_pipeline
 from storage import latent_store
 from storage.models import ModelSpec
@@ -31,7 +32,8 @@ def pipeline_run(tmp_path_factory, tiny_model_dirs):
                               batch_size=16, corpus_seq_len=64, corpus_batch_size=8, corpus_max_tokens=8192),
         sae=SAEStageConfig(expansion=4, k=8, n_steps=30, batch_size=256, dead_tokens=2000),
         stratify=StratifyConfig(noise_levels=(0.0, 0.1, 1.0), replicates=2, n_workers=2),
-        structure=StructureStageConfig(seeds=(42, 43), n_components=5))
+        structure=StructureStageConfig(seeds=(42, 43), n_components=5, min_cluster_size=5),
+        intervention=InterventionStageConfig(alphas=(0.5, 1.0, 1.5), steps=3, n_boot=200))
     saema_pipeline(cfg)
     return cfg
 
@@ -93,6 +95,25 @@ def test_structure_group_keeps_labels_and_tokens(pipeline_run):
     assert Path(out, "plots", f"structure_{HOOK}_planets.png").stat().st_size > 1000
 
 
+def test_intervention_group_has_trajectories_statistics_and_verdicts(pipeline_run):
+    out, model = pipeline_run.extract.out, pipeline_run.extract.model.name
+    ds = read_group(out, "intervention").sel(model=model, hook=HOOK)
+    assert set(ds.objective.values) == {"aedp", "gw"} and ds.sizes["step"] == 4
+    ran = ds.skipped.values == ""
+    for concept, objective in zip(*np.nonzero(ran)):
+        cell = ds.isel(concept=concept, objective=objective)
+        assert np.isfinite(cell.separability.values).all()
+        assert cell.verdict.values.item() != ""
+        # The control moves exactly as far as its optimised twin.
+        np.testing.assert_allclose(cell.displacement_norm.sel(intervention="control").isel(step=-1),
+                                   cell.displacement_norm.sel(intervention="optimised").isel(step=-1), rtol=1e-4)
+    for concept, objective in zip(*np.nonzero(~ran)):
+        assert "cluster" in ds.skipped.values[concept, objective]
+
+
 def test_results_open_with_plain_xarray(pipeline_run):
     tree = xr.open_datatree(f"{pipeline_run.extract.out}/results.zarr", engine="zarr")
-    assert {"sae_eval", "stratification", "strata", "structure"} <= set(tree.children)
+    assert {"sae_eval", "stratification", "strata", "structure", "intervention"} <= set(tree.children)
+    from pathlib import Path
+    html = Path(pipeline_run.extract.out, "report.html").read_text()
+    assert "data:image/png;base64," in html and "intervention" in html

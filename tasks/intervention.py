@@ -1,0 +1,62 @@
+"""Intervention tasks: one (hook, concept, objective, direction, α) cell and its random control."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+
+import numpy as np
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from threadpoolctl import threadpool_limits
+
+from saema_core.intervention import InterventionConfig, optimise_intervention, random_control
+from storage import activation_store as store
+from storage import latent_store
+from storage.results import read_group
+from storage.sae_checkpoints import load_sae
+
+TRAJECTORY_FIELDS = ("objective", "separability", "mse", "mse_zscored", "explained_variance", "displacement_norm")
+
+
+@functools.lru_cache(maxsize=8)
+def cell_inputs(out: str, model_name: str, hook: str, concept: str, sae_path: str, sae_id: str,
+                seed: int) -> tuple[torch.Tensor, np.ndarray, torch.Tensor, object]:
+    """Latents Z, structure-stage cluster labels (latent space), residuals x and the SAE (cached per worker)."""
+    acts = store.open_activations(store.activation_store_url(out, model_name), hook, concept)
+    x = torch.from_numpy(np.ascontiguousarray(acts.resid.values[acts["mask"].values]))
+    csr, _ = latent_store.read_latents(latent_store.latent_store_url(out, model_name),
+                                       latent_store.latent_group(concept, hook, sae_id))
+    structure = read_group(out, "structure")
+    if structure is None:
+        raise ValueError("the intervention needs the cluster labels of the structure stage; run it first")
+    labels = structure.cluster_label.sel(model=model_name, hook=hook, concept=concept, space="latent",
+                                         seed=seed).values[: x.shape[0]]
+    return torch.from_numpy(csr.toarray().astype(np.float32)), labels.astype(np.int64), x, load_sae(sae_path)
+
+
+def n_clusters(labels: np.ndarray) -> int:
+    return len(set(labels.tolist()) - {-1})
+
+
+def _trajectory(t) -> dict:
+    return {name: getattr(t, name).tolist() for name in TRAJECTORY_FIELDS}
+
+
+@task(name="intervene", task_run_name="intervene {hook} {concept} {base.objective} dir {direction} α {alpha}",
+      cache_policy=NO_CACHE, retries=1)
+def intervention_cell(out: str, model_name: str, hook: str, concept: str, sae_path: str, sae_id: str,
+                      seed: int, base: InterventionConfig, direction: int, alpha: float,
+                      control_seed: int) -> dict:
+    """Optimise Δ for one (direction, α) and evaluate a random control of equal displacement."""
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        z, labels, x, sae = cell_inputs(out, model_name, hook, concept, sae_path, sae_id, seed)
+        if n_clusters(labels) < 2:
+            return {"skipped": f"{n_clusters(labels)} cluster(s) in latent space; the intervention needs ≥ 2"}
+        config = replace(base, direction=direction, alpha=alpha)
+        optimised = optimise_intervention(z, labels, sae.decode, x, config)
+        control = random_control(z, labels, sae.decode, x, config, float(optimised.displacement_norm[-1]),
+                                 control_seed)
+    return {"skipped": "", "optimised": _trajectory(optimised), "control": _trajectory(control)}
