@@ -14,6 +14,7 @@ from saema_core.intervention import InterventionConfig
 from saema_core.statistics import correlate, verdict
 from storage.plots import plot_intervention
 from storage.results import write_group
+from tasks.artifacts import publish_plot, publish_table
 from tasks.intervention import TRAJECTORY_FIELDS, intervention_cell
 from tasks.sae import SAERef
 
@@ -90,7 +91,10 @@ def intervention_flow(out: str, model_name: str, hooks: tuple[str, ...], concept
     ds = intervention_dataset(model_name, cells, results, cfg, list(hooks), list(concepts))
     write_group(out, "intervention", ds)
     for hook in hooks:
-        plot_intervention(ds.sel(model=model_name, hook=hook), f"{out}/plots/intervention_{hook}.png")
+        png = plot_intervention(ds.sel(model=model_name, hook=hook), f"{out}/plots/intervention_{hook}.png")
+        publish_plot(f"intervention-{hook}", png, f"ΔMSE vs ΔSep at {hook}: optimised vs random control")
+    publish_table("intervention-statistics", ds[["pearson_r", "pearson_p", "spearman_r", "spearman_p"]].to_dataframe(),
+                  "correlation of ΔSep and ΔMSE per (model, hook, concept, objective, intervention)")
     for (hook, concept, objective), text in np.ndenumerate(ds.verdict.sel(model=model_name).values):
         if text:
             print(f"{hooks[hook]} {concepts[concept]} {cfg.objectives[objective]}: {text}")

@@ -8,6 +8,7 @@ from prefect import flow
 
 from flows.config import SAEStageConfig
 from storage.results import write_group
+from tasks.artifacts import publish_table
 from tasks.sae import SAE_KINDS, SAERef, encode_concept, evaluate_sae, train_or_load_sae
 
 METRICS = {
@@ -55,7 +56,10 @@ def sae_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: tuple[
         for concept in concepts:
             encode_concept(out, model_name, concept, ref)
     metrics = [evaluate_sae(out, model_name, ref, cfg.holdout_fraction) for ref in refs]
-    write_group(out, "sae_eval", sae_eval_dataset(model_name, refs, metrics))
+    evaluation = sae_eval_dataset(model_name, refs, metrics)
+    write_group(out, "sae_eval", evaluation)
+    publish_table("sae-eval", evaluation.drop_vars(["sae_id", "ce_loss_score"]).to_dataframe(),
+                  "SAE and dense-AE reconstruction on held-out corpus tokens")
     for ref, values in zip(refs, metrics):
         print(f"{ref.hook} {ref.kind} {ref.sae_id}: EV {values['explained_variance']:.3f}, "
               f"L0 {values['l0']:.1f}, dead {values['dead_fraction']:.3f}")

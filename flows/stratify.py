@@ -12,6 +12,7 @@ from saema_core.ranks import ESTIMATORS, MODES
 from saema_core.stratification import stratification_verdict
 from storage.plots import plot_rank_vs_noise
 from storage.results import write_group
+from tasks.artifacts import publish_plot, publish_table
 from tasks.sae import SAERef
 from tasks.stratify import StratifyParams, stratify_cells
 
@@ -114,7 +115,11 @@ def stratify_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: t
     write_group(out, "stratification", ds)
     write_group(out, "strata", strata_dataset(model_name, cells, results, cfg, list(hooks), list(concepts)))
     for hook in hooks:
-        plot_rank_vs_noise(ds.sel(model=model_name, hook=hook), f"{out}/plots/stratification_{hook}.png")
+        png = plot_rank_vs_noise(ds.sel(model=model_name, hook=hook), f"{out}/plots/stratification_{hook}.png")
+        publish_plot(f"stratification-{hook}", png, f"SAEMA latent-mode rank vs noise at {hook}")
+    verdicts = ds[["stratified", "n_strata", "transition_noise"]].sel(mode="latent", estimator="numerical")
+    publish_table("stratification-verdicts", verdicts.to_dataframe(),
+                  "SAEMA verdicts per (model, hook, concept, space), latent mode, numerical rank")
     latent = ds.sel(mode="latent", estimator="numerical", space="latent" if "latent" in cfg.spaces else cfg.spaces[0])
     print(f"stratified (latent mode, numerical rank): {int(latent.stratified.sum())} of {latent.stratified.size} "
           f"(hook, concept) cells")

@@ -11,6 +11,7 @@ from flows.dask import dask_runner
 from saema_core.structure import METRIC_NAMES
 from storage.plots import plot_structure_scatter
 from storage.results import write_group
+from tasks.artifacts import publish_plot, publish_table
 from tasks.sae import SAERef
 from tasks.structure import concept_points, procrustes_between, structure_cell
 
@@ -83,8 +84,12 @@ def structure_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: 
     for hook in hooks:
         for concept in concepts:
             panels = {s: by_cell[(hook, concept, s, cfg.seeds[0])] for s in cfg.spaces}
-            plot_structure_scatter(panels, tokens[concept], f"{hook} · {concept}",
-                                   f"{out}/plots/structure_{hook}_{concept}.png")
+            png = plot_structure_scatter(panels, tokens[concept], f"{hook} · {concept}",
+                                         f"{out}/plots/structure_{hook}_{concept}.png")
+            publish_plot(f"structure-{hook}-{concept}", png, f"UMAP of {concept} at {hook}, coloured by cluster")
+    metrics = ds[["n_clusters", "noise_fraction", "avg_intrinsic_dim", "mst_weight", "agd", "procrustes_disparity"]]
+    publish_table("structure-metrics", metrics.mean("seed").to_dataframe(),
+                  "structure metrics per (model, hook, concept, space), mean over UMAP seeds")
     clusters = ds["n_clusters"].mean(["model", "hook", "concept", "seed"]).to_pandas()
     print(f"structure: {len(cells)} cells; mean clusters per space: {clusters.round(1).to_dict()}")
     return ds
