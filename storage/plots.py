@@ -35,6 +35,10 @@ def plot_rank_vs_noise(ds: xr.Dataset, path: str, mode: str = "latent", estimato
             color, style = _SPACE_STYLE.get(str(space), ("black", "-"))
             ax.plot(x, rank.mean("replicate"), style, color=color, marker="o", ms=3, label=str(space))
             ax.fill_between(x, rank.min("replicate"), rank.max("replicate"), color=color, alpha=0.15)
+        if {"n_active", "n_tokens"} <= set(ds.data_vars):
+            # The rank can never exceed min(active latents, active tokens): show where it saturates.
+            cell = ds.sel(concept=concept, mode=mode).max(["replicate", "space"])
+            ax.plot(x, np.minimum(cell["n_active"], cell["n_tokens"]), "k--", lw=0.8, label="bound")
         ax.set_xscale("log")
         ax.set_title(str(concept), fontsize=10)
         ax.set_xlabel("noise σ (σ=0 at far left)")
@@ -42,7 +46,9 @@ def plot_rank_vs_noise(ds: xr.Dataset, path: str, mode: str = "latent", estimato
     for ax in list(axes.flat)[len(concepts):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
-    fig.suptitle(f"SAEMA rank vs noise — {ds.hook.values if ds.hook.size == 1 else ''} ({estimator})", fontsize=11)
+    fig.suptitle(f"SAEMA {mode}-mode rank vs noise — {ds.hook.values} ({estimator}); dashed: saturation bound",
+                 fontsize=11)
+    fig.tight_layout()
     return _save(fig, path)
 
 
