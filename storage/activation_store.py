@@ -101,7 +101,10 @@ def _template(plan: BatchPlan, d_model: int, attrs: dict) -> xr.Dataset:
 
 
 def _write_template(url: str, path: str, plan: BatchPlan, d_model: int, attrs: dict) -> None:
-    _template(plan, d_model, attrs).to_zarr(url, group=path, mode="w", compute=False, consolidated=False)
+    # Activations barely compress (float32 noise in the low bits); skipping the codec keeps writes
+    # off the extraction's critical path.
+    _template(plan, d_model, attrs).to_zarr(url, group=path, mode="w", compute=False, consolidated=False,
+                                            encoding={"resid": {"compressors": None}})
     # Variable-length strings go straight through zarr: xarray would load a lazy object array
     # into memory to find its dtype, which is O(corpus) memory.
     group = zarr.open_group(url, path=path, mode="r+", use_consolidated=False)

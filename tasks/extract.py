@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,18 +56,32 @@ def _writers(cfg: ExtractConfig, lm: LoadedModel, url: str, plan: BatchPlan, con
     return writers
 
 
+def _write_all(writers: dict, batch: TokenBatch, activations: dict[str, np.ndarray]) -> None:
+    for hook, values in activations.items():
+        writers[hook].write(batch, values)
+
+
 def _stream(lm: LoadedModel, writers: dict, batches: Iterable[TokenBatch],
             todo: dict[str, set[int]], label: str) -> None:
-    """Forward each pending batch once, capturing only the hooks that still lack it."""
+    """Forward each pending batch once, capturing only the hooks that still lack it.
+
+    Writes run on one background thread, overlapping the next forward; at most one batch waits, so
+    memory stays bounded by two batches, and a failed write surfaces at the next batch.
+    """
     pending = set().union(*todo.values())
-    with StageProgress(label, total=len(pending)) as progress:
+    with StageProgress(label, total=len(pending)) as progress, ThreadPoolExecutor(max_workers=1) as pool:
+        in_flight = None
         for batch in batches:
             hooks = tuple(h for h in writers if batch.index in todo[h])
             if not hooks:
                 continue
             activations = _forward(lm, batch, hooks)
-            for hook in hooks:
-                writers[hook].write(batch, activations[hook])
+            if in_flight is not None:
+                in_flight.result()
+                progress.advance(1)
+            in_flight = pool.submit(_write_all, writers, batch, activations)
+        if in_flight is not None:
+            in_flight.result()
             progress.advance(1)
 
 
