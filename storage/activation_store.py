@@ -126,19 +126,21 @@ class GroupWriter:
 
     def __post_init__(self) -> None:
         self.group = zarr.open_group(self.url, path=self.path, mode="r+", use_consolidated=False)
+        # Open every array once: `group[name]` re-reads its metadata from the store on each access.
+        self.arrays = {name: self.group[name] for name in
+                       ("resid", "batch_done", *_NUMERIC_COORDS, *_STRING_COORDS)}
 
     def done(self) -> set[int]:
-        return set(np.flatnonzero(self.group["batch_done"][:]).tolist())
+        return set(np.flatnonzero(self.arrays["batch_done"][:]).tolist())
 
     def write(self, batch: TokenBatch, resid: np.ndarray) -> None:
         start = batch.index * self.plan.chunk_tokens
         stop = start + resid.shape[0]
-        self.group["resid"][start:stop] = resid
+        self.arrays["resid"][start:stop] = resid
         for name, values in batch.coords().items():
-            self.group[name][start:stop] = values
-        self.group["concept"][start:stop] = np.full(stop - start, self.concept, dtype=object)
-        self.group["batch_done"][batch.index] = True  # last: the flag follows the data
-
+            self.arrays[name][start:stop] = values
+        self.arrays["concept"][start:stop] = np.full(stop - start, self.concept, dtype=object)
+        self.arrays["batch_done"][batch.index] = True  # last: the flag follows the data
 
 
 def prepare_group(url: str, path: str, plan: BatchPlan, d_model: int, attrs: dict,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,25 +62,18 @@ def _write_all(writers: dict, batch: TokenBatch, activations: dict[str, np.ndarr
 
 def _stream(lm: LoadedModel, writers: dict, batches: Iterable[TokenBatch],
             todo: dict[str, set[int]], label: str) -> None:
-    """Forward each pending batch once, capturing only the hooks that still lack it.
+    """Forward each pending batch once, capturing only the hooks that still lack it, and write it.
 
-    Writes run on one background thread, overlapping the next forward; at most one batch waits, so
-    memory stays bounded by two batches, and a failed write surfaces at the next batch.
+    Writes are synchronous on purpose: on a 2-core machine a background writer steals cycles from
+    torch's intra-op threads and slows the forward more than the writes cost (BENCHMARKS.md).
     """
     pending = set().union(*todo.values())
-    with StageProgress(label, total=len(pending)) as progress, ThreadPoolExecutor(max_workers=1) as pool:
-        in_flight = None
+    with StageProgress(label, total=len(pending)) as progress:
         for batch in batches:
             hooks = tuple(h for h in writers if batch.index in todo[h])
             if not hooks:
                 continue
-            activations = _forward(lm, batch, hooks)
-            if in_flight is not None:
-                in_flight.result()
-                progress.advance(1)
-            in_flight = pool.submit(_write_all, writers, batch, activations)
-        if in_flight is not None:
-            in_flight.result()
+            _write_all(writers, batch, _forward(lm, batch, hooks))
             progress.advance(1)
 
 
