@@ -79,7 +79,7 @@ def main() -> None:
         sae, n_steps, seconds = train_within(url, args.hook, d_model, expansion, k, args.steps, args.batch,
                                              args.budget_s, args.holdout)
         m = evaluate(url, args.hook, sae, args.holdout)
-        print(f"{expansion * d_model:>6} {k:>4} {n_steps:>6} {seconds:>8.0f} {m.explained_variance:>6.3f} "
+        print(f"{expansion * d_model:>6} {k:>4} {n_steps:>6} {seconds:>8.0f} {m.explained_variance:>6.4f} "
               f"{m.l0:>6.1f} {m.dead_fraction:>6.3f} {m.cossim:>7.3f}", flush=True)
 
 

@@ -42,12 +42,14 @@ def structure_dataset(model: str, cells, results, cfg: StructureStageConfig, hoo
     shape = (1, len(hooks), len(concepts), len(spaces), len(seeds))
     metrics = {name: np.full(shape, np.nan) for name in METRIC_NAMES}
     disparity, labels = np.full(shape, np.nan), np.full(shape + (n_tok,), np.nan, dtype=np.float32)
+    reasons = np.full(shape, "", dtype=object)
     by_cell = dict(zip(cells, results))
     for (hook, concept, space, seed), result in by_cell.items():
         at = (0, hooks.index(hook), concepts.index(concept), spaces.index(space), seeds.index(seed))
         for name in METRIC_NAMES:
             metrics[name][at] = result["metrics"][name]
         labels[at][: len(result["labels"])] = result["labels"]
+        reasons[at] = result["reason"]
         if space != "resid":
             disparity[at] = procrustes_between(by_cell[(hook, concept, "resid", seed)], result)[0]
     token_str = np.full((1, len(hooks), len(concepts), n_tok), "", dtype=object)
@@ -61,6 +63,7 @@ def structure_dataset(model: str, cells, results, cfg: StructureStageConfig, hoo
         "description": "Procrustes disparity of cluster centroids vs resid space, clusters matched by token overlap"})
     data["cluster_label"] = (dims + ("token_index",), labels, {"units": "1",
         "description": "HDBSCAN label of each analysed token (−1 noise, NaN padding)"})
+    data["reason"] = (dims, reasons, {"description": "why metrics of the cell are NaN (empty: all defined)"})
     data["token_str"] = (("model", "hook", "concept", "token_index"), token_str,
                          {"description": "analysed token strings, in the order of cluster_label"})
     return xr.Dataset(data, coords={"model": [model], "hook": hooks, "concept": concepts, "space": spaces,

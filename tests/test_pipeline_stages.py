@@ -91,6 +91,9 @@ def test_structure_group_keeps_labels_and_tokens(pipeline_run):
     assert np.isfinite(labels[analysed]).all() and np.isnan(labels[~analysed]).all()
     assert np.isnan(ds.procrustes_disparity.sel(space="resid")).all()
     assert (ds.n_clusters >= 0).all()
+    no_cluster = (ds.n_clusters == 0).values
+    assert all("no cluster" in r for r in ds.reason.values[no_cluster])
+    assert np.isnan(ds.mst_weight.values[no_cluster]).all()
     from pathlib import Path
     assert Path(out, "plots", f"structure_{HOOK}_planets.png").stat().st_size > 1000
 
