@@ -7,8 +7,16 @@ import os
 import sys
 from collections.abc import Callable
 
-from flows.config import (DEFAULT_HOOKS, DEFAULT_OUT, ExtractConfig, PipelineConfig, SAEStageConfig,
-                          StratifyConfig, StructureStageConfig, InterventionStageConfig)
+from flows.config import (
+    DEFAULT_HOOKS,
+    DEFAULT_OUT,
+    ExtractConfig,
+    InterventionStageConfig,
+    PipelineConfig,
+    SAEStageConfig,
+    StratifyConfig,
+    StructureStageConfig,
+)
 from saema.query_cli import add_query_arguments, add_report_arguments
 from storage.corpus import DEFAULT_CORPUS
 from storage.models import DEFAULT_MODEL, ModelSpec
@@ -164,34 +172,22 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     _add_intervention_options(parser)
 
 
-def cmd_run(args: argparse.Namespace) -> None:
-    from flows.pipeline import saema_pipeline
+def pipeline_command(*stages: str) -> Callable[[argparse.Namespace], None]:
+    """A subcommand that runs `saema_pipeline` up to the given stages (all of them when none)."""
 
-    saema_pipeline(pipeline_config(args))
+    def command(args: argparse.Namespace) -> None:
+        from flows.pipeline import STAGES, saema_pipeline
 
+        saema_pipeline(pipeline_config(args), stages=stages or STAGES)
 
-def cmd_train_sae(args: argparse.Namespace) -> None:
-    from flows.pipeline import saema_pipeline
-
-    saema_pipeline(pipeline_config(args), stages=("extract", "sae"))
-
-
-def cmd_stratify(args: argparse.Namespace) -> None:
-    from flows.pipeline import saema_pipeline
-
-    saema_pipeline(pipeline_config(args), stages=("extract", "sae", "stratify"))
+    return command
 
 
-def cmd_structure(args: argparse.Namespace) -> None:
-    from flows.pipeline import saema_pipeline
-
-    saema_pipeline(pipeline_config(args), stages=("extract", "sae", "structure"))
-
-
-def cmd_intervene(args: argparse.Namespace) -> None:
-    from flows.pipeline import saema_pipeline
-
-    saema_pipeline(pipeline_config(args), stages=("extract", "sae", "structure", "intervention"))
+cmd_run = pipeline_command()
+cmd_train_sae = pipeline_command("extract", "sae")
+cmd_stratify = pipeline_command("extract", "sae", "stratify")
+cmd_structure = pipeline_command("extract", "sae", "structure")
+cmd_intervene = pipeline_command("extract", "sae", "structure", "intervention")
 
 
 def build_parser() -> argparse.ArgumentParser:
