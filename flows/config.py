@@ -214,3 +214,9 @@ class PipelineConfig:
     stratify: StratifyConfig = field(default_factory=StratifyConfig)
     structure: StructureStageConfig = field(default_factory=StructureStageConfig)
     intervention: InterventionStageConfig = field(default_factory=InterventionStageConfig)
+
+    def __post_init__(self) -> None:
+        out, address = self.extract.out, self.stratify.dask_address
+        if address and out.startswith("memory://"):
+            raise ValueError(f"--out {out} lives in this process's memory, which the Dask workers of {address} "
+                             f"cannot see; write to a folder or an object store, or drop --dask-address")

@@ -25,6 +25,7 @@ import xarray as xr
 import zarr
 
 from storage.batches import BatchPlan, TokenBatch
+from storage.locations import canonical, is_local, local_path
 
 _IDENTITY_KEYS = ("model", "model_revision", "d_model", "n_layers")
 
@@ -40,7 +41,8 @@ def model_slug(name: str) -> str:
 
 
 def activation_store_url(out: str, model_name: str) -> str:
-    return f"{out.rstrip('/')}/activations/{model_slug(model_name)}.zarr"
+    """`<out>/activations/<model>.zarr`, a plain path when `out` is local (see storage.locations)."""
+    return canonical(f"{out.rstrip('/')}/activations/{model_slug(model_name)}.zarr")
 
 
 def group_path(hook: str, concept: str | None = None) -> str:
@@ -48,15 +50,11 @@ def group_path(hook: str, concept: str | None = None) -> str:
     return f"concepts/{concept}/{hook}" if concept is not None else f"corpus/{hook}"
 
 
-def is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
 def ensure_output_dir(out: str) -> None:
     """Refuse an output path that is a file or cannot be written, before any work starts."""
     if not is_local(out):
         return
-    path = Path(out.removeprefix("file://")).expanduser()
+    path = local_path(out)
     if path.exists() and not path.is_dir():
         raise StoreError(f"output path {path} exists and is a file, not a folder")
     try:
@@ -166,7 +164,7 @@ def prepare_group(url: str, path: str, plan: BatchPlan, d_model: int, attrs: dic
 
 def _delete_group(url: str, root: zarr.Group, path: str) -> None:
     if is_local(url):
-        shutil.rmtree(Path(url.removeprefix("file://")) / path)
+        shutil.rmtree(local_path(url) / path)
     else:
         del root[path]
 
@@ -178,6 +176,16 @@ def group_complete(url: str, path: str) -> bool:
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         return False
     return bool(np.all(group["batch_done"][:]))
+
+
+def content_hash(url: str, hook: str, concept: str | None = None) -> str:
+    """What a complete group holds, as a cache-key input: the model revision and the group's content
+    hash (tokens, masks, layout)."""
+    path = group_path(hook, concept)
+    if not group_complete(url, path):
+        raise StoreError(f"{url}/{path} is missing or incomplete; run `saema extract` for it first")
+    attrs = zarr.open_group(url, path=path, mode="r", use_consolidated=False).attrs
+    return f"{attrs['model_revision']}/{attrs['content_hash']}"
 
 
 def consolidate(url: str) -> None:

@@ -17,10 +17,12 @@ import xarray as xr
 import zarr
 
 from storage.activation_store import model_slug
+from storage.locations import canonical
 
 
 def latent_store_url(out: str, model_name: str) -> str:
-    return f"{out.rstrip('/')}/latents/{model_slug(model_name)}.zarr"
+    """`<out>/latents/<model>.zarr`, a plain path when `out` is local (see storage.locations)."""
+    return canonical(f"{out.rstrip('/')}/latents/{model_slug(model_name)}.zarr")
 
 
 def latent_group(concept: str, hook: str, sae_id: str) -> str:

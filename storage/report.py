@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from storage.activation_store import is_local
+from storage.locations import write_text
 from storage.plots import plot_rank_vs_noise
 from storage.provenance import provenance
 from storage.results import GROUPS, open_results, results_url
@@ -288,11 +288,7 @@ def render_report(out: str) -> str:
 
 
 def write_report(out: str, path: str | None = None) -> str:
-    """Write the self-contained HTML report (default `<out>/report.html`); returns its path."""
+    """Write the self-contained HTML report (default `<out>/report.html`, any fsspec URL); returns its path."""
     path = path or f"{out.rstrip('/')}/report.html"
-    page = render_report(out)
-    if is_local(path):
-        Path(path.removeprefix("file://")).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    with fsspec.open(path, "w", encoding="utf-8") as file:
-        file.write(page)
+    write_text(path, render_report(out))
     return path

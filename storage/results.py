@@ -2,10 +2,16 @@
 
 Groups: `stratification`, `strata`, `structure`, `intervention`, `sae_eval` (DESIGN.md §3). A run for
 further models, hooks or concepts extends a group along those dimensions: the new cells are merged
-with the stored ones (new values win) and the group is rewritten. Writers hold a lock file, so two
-runs on one store serialise (or, after `timeout`, refuse with a clear message) instead of corrupting
-it. On local disk the rewrite is atomic: the new group is written beside the old one and swapped in
-by two renames; an interrupted swap is repaired by the next writer or reader.
+with the stored ones (new values win) and the group is rewritten.
+
+Locking is local-only. On local disk writers hold a lock file (created with O_EXCL), so two runs on
+one store — on this machine, or on a shared POSIX filesystem — serialise (or, after `timeout`, refuse
+with a clear message) instead of corrupting it, and the rewrite is atomic: the new group is written
+beside the old one and swapped in by two renames; an interrupted swap is repaired by the next writer
+or reader. At an fsspec URL (`s3://…`, `memory://…`) there is no atomic create-if-absent to build a
+lock on and no rename, so writers in one process serialise on an in-process lock (which covers
+`memory://` entirely: no other process can see it), a group is rewritten in place, and one writing
+run per store is the user's contract.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,10 +28,11 @@ from pathlib import Path
 import xarray as xr
 import zarr
 
-from storage.activation_store import is_local
+from storage.locations import canonical, exists, is_local, is_process_local, local_path
 
 GROUPS = ("stratification", "strata", "structure", "intervention", "sae_eval")
 _LOCK = ".saema-write.lock"
+_IN_PROCESS_LOCK = threading.Lock()
 
 
 class ResultsError(ValueError):
@@ -32,20 +40,25 @@ class ResultsError(ValueError):
 
 
 def results_url(out: str) -> str:
-    return f"{out.rstrip('/')}/results.zarr"
-
-
-def _local_path(url: str) -> Path:
-    return Path(url.removeprefix("file://")).expanduser()
+    """`<out>/results.zarr`, a plain path when `out` is local (see storage.locations)."""
+    return canonical(f"{out.rstrip('/')}/results.zarr")
 
 
 @contextlib.contextmanager
 def write_lock(url: str, timeout: float = 600.0) -> Iterator[None]:
-    """Exclusive writer lock (a file created with O_EXCL); waits up to `timeout` seconds."""
+    """Exclusive writer lock (a file created with O_EXCL); waits up to `timeout` seconds.
+
+    Local stores only; at an fsspec URL only the writers of this process are serialised (module doc).
+    """
     if not is_local(url):
-        yield  # object stores have no atomic create; one writer per store is the user's contract
+        if not _IN_PROCESS_LOCK.acquire(timeout=timeout):
+            raise ResultsError(f"results store {url} is being written by another thread; waited {timeout:.0f} s")
+        try:
+            yield
+        finally:
+            _IN_PROCESS_LOCK.release()
         return
-    root = _local_path(url)
+    root = local_path(url)
     root.mkdir(parents=True, exist_ok=True)
     lock = root / _LOCK
     deadline = time.monotonic() + timeout
@@ -131,7 +144,7 @@ def write_group(out: str, group: str, ds: xr.Dataset) -> None:
     with write_lock(url):
         merged = _variable_length_strings(_merge(ds, read_group(out, group)))
         if is_local(url):
-            _swap_in(_local_path(url), group, merged)
+            _swap_in(local_path(url), group, merged)
         else:
             merged.to_zarr(url, group=group, mode="w", consolidated=False)
         zarr.consolidate_metadata(url)
@@ -153,6 +166,7 @@ def _swap_in(root: Path, group: str, ds: xr.Dataset) -> None:
 def open_results(out: str) -> xr.DataTree:
     """All result groups as a lazy DataTree (`tree["stratification"].ds`)."""
     url = results_url(out)
-    if is_local(url) and not _local_path(url).exists():
-        raise ResultsError(f"no results at {url}; run `saema run --out {out}` first")
+    if not exists(url):
+        where = " (memory:// lives only in the process that wrote it)" if is_process_local(url) else ""
+        raise ResultsError(f"no results at {url}{where}; run `saema run --out {out}` first")
     return xr.open_datatree(url, engine="zarr", consolidated=False)

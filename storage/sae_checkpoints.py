@@ -12,6 +12,12 @@ docstring gives its exact conversion:
 
 `save_sae(sae, path)` writes a SAELens 6.x folder atomically (temporary folder beside the target, then
 rename). Every problem with a folder is a `CheckpointError` whose message names the file.
+
+`path` may also be an fsspec URL (`memory://…`, `s3://…`; see storage.locations). Such a filesystem has
+no folder rename, so a remote save is write-then-mark-complete: an old `cfg.json` is removed first, the
+weights are put, and `cfg.json` is put last, so a `cfg.json` always describes the weights beside it.
+A remote folder is read by copying its checkpoint files into a temporary local folder, so every
+format has one reader.
 """
 
 from __future__ import annotations
@@ -27,10 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save as safetensors_bytes
 from safetensors.torch import save_file
 from torch import Tensor
 
 from saema_core.sae import SAE, SAEConfig, build_sae, sae_class
+from storage.locations import filesystem, is_local, local_path
 from storage.sae_formats.common import (
     CheckpointError,
     ConvertedCheckpoint,
@@ -90,30 +98,60 @@ _FORMATS: dict[str, tuple[tuple[str, ...], Callable[[Path], ConvertedCheckpoint]
 }
 
 
+#: Every file a reader may open; a remote folder is copied to local disk with these only.
+_CHECKPOINT_FILES = frozenset({*(file for files, _ in _FORMATS.values() for file in files), DICTIONARY_LEARNING_CFG})
+
+
+def _folder_files(path: str) -> tuple[str, set[str]]:
+    """(where, names of the files in it) of a local folder or fsspec URL; refuse a non-folder."""
+    where = str(local_path(path)) if is_local(path) else path
+    fs, root = filesystem(where)
+    if not fs.isdir(root):
+        raise CheckpointError(f"{where}: not a folder (an SAE checkpoint is a folder of files)")
+    return where, {entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(root, detail=True)
+                   if entry["type"] == "file"}
+
+
 def detect_format(path: str | os.PathLike[str]) -> str:
-    """"saelens", "sparsify" or "dictionary_learning", from the files in the folder `path`."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: not a folder (an SAE checkpoint is a folder of files)")
+    """"saelens", "sparsify" or "dictionary_learning", from the files in the folder `path` (path or URL)."""
+    return _format_of(*_folder_files(str(path)))
+
+
+def _format_of(where: str, present: set[str]) -> str:
     for name, (files, _) in _FORMATS.items():
-        if all((folder / file).is_file() for file in files):
+        if all(file in present for file in files):
             return name
-    present = sorted(p.name for p in folder.iterdir())
     layouts = "; ".join(f"{name}: {' + '.join(files)}" for name, (files, _) in _FORMATS.items())
-    raise CheckpointError(f"{folder}: not a known SAE checkpoint (found {present}; expected {layouts})")
+    raise CheckpointError(f"{where}: not a known SAE checkpoint (found {sorted(present)}; expected {layouts})")
 
 
 def load_sae(path: str | os.PathLike[str], expected_d_in: int | None = None) -> SAE:
     """The SAE stored in the folder `path` (SAELens, dictionary_learning or sparsify format).
 
-    The SAE is in eval mode with frozen parameters.
+    `path` is a local folder or an fsspec URL. The SAE is in eval mode with frozen parameters.
 
     `expected_d_in`: the width of the activations it will read (d_model at the hook); a mismatch is a
     CheckpointError. The SAE's `cfg.metadata["source_format"]` says which format it came from.
     """
-    folder = Path(path)
+    if not is_local(str(path)):
+        return _load_remote(str(path), expected_d_in)
+    folder = local_path(str(path))
     reader = _FORMATS[detect_format(folder)][1]
     return _build_checked(reader(folder), str(folder), expected_d_in)
+
+
+def _load_remote(url: str, expected_d_in: int | None) -> SAE:
+    """Copy the checkpoint files at `url` into a temporary folder and load that; errors name `url`."""
+    where, present = _folder_files(url)
+    _format_of(where, present)  # refuse a non-checkpoint before copying anything
+    fs, root = filesystem(url)
+    with tempfile.TemporaryDirectory(prefix="saema-sae-") as tmp:
+        for name in present & _CHECKPOINT_FILES:
+            fs.get_file(f"{root}/{name}", f"{tmp}/{name}")
+        try:
+            return load_sae(tmp, expected_d_in)
+        except CheckpointError as error:
+            raise CheckpointError(str(error).replace(tmp, url.rstrip("/"))) from error
 
 
 def saelens_config_dict(cfg: SAEConfig) -> dict[str, Any]:
@@ -155,19 +193,24 @@ def _swap_into_place(new: Path, target: Path) -> None:
     shutil.rmtree(old)
 
 
-def save_sae(sae: SAE, path: str | os.PathLike[str]) -> Path:
+def save_sae(sae: SAE, path: str | os.PathLike[str]) -> Path | str:
     """Write `sae` as a SAELens 6.x folder (cfg.json + sae_weights.safetensors) at `path`, atomically.
 
-    Files are written into a temporary folder beside `path` and renamed into place, so a failed save
-    never leaves a half-written checkpoint where a good one was. NaN/Inf weights are refused.
+    Locally, files are written into a temporary folder beside `path` and renamed into place, so a
+    failed save never leaves a half-written checkpoint where a good one was. At an fsspec URL the save
+    is write-then-mark-complete (module docstring). NaN/Inf weights are refused. Returns the folder: a
+    Path when local, the URL otherwise.
     """
-    target = Path(path)
     tensors = sae.state_dict_saelens()
-    _check_finite(tensors, target)
+    _check_finite(tensors, path)
     try:
         cfg_text = json.dumps(saelens_config_dict(sae.cfg), indent=2)
     except TypeError as e:
-        raise CheckpointError(f"{target / SAELENS_CFG}: metadata is not JSON-serialisable ({e})") from e
+        raise CheckpointError(f"{path}/{SAELENS_CFG}: metadata is not JSON-serialisable ({e})") from e
+    if not is_local(str(path)):
+        _save_remote(str(path), cfg_text, tensors)
+        return str(path)
+    target = local_path(str(path))
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -177,6 +220,18 @@ def save_sae(sae: SAE, path: str | os.PathLike[str]) -> Path:
         shutil.rmtree(staging, ignore_errors=True)  # only the staging copy; the error propagates
         raise
     return target
+
+
+def _save_remote(url: str, cfg_text: str, tensors: dict[str, Tensor]) -> None:
+    """Unmark (remove an old cfg.json), put the weights, mark complete (put cfg.json last)."""
+    fs, root = filesystem(url)
+    if fs.isfile(root):
+        raise CheckpointError(f"{url}: exists and is not a folder; refusing to replace it")
+    cfg_file = f"{root}/{SAELENS_CFG}"
+    if fs.exists(cfg_file):
+        fs.rm_file(cfg_file)  # the old cfg.json must never stand beside the new weights
+    fs.pipe_file(f"{root}/{SAELENS_WEIGHTS}", safetensors_bytes(tensors))
+    fs.pipe_file(cfg_file, cfg_text.encode())
 
 
 def _computation_fields(cfg: SAEConfig) -> dict[str, Any]:

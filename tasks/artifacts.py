@@ -10,6 +10,8 @@ import pandas as pd
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext
 
+from storage.locations import read_bytes
+
 
 def _key(text: str) -> str:
     """Prefect artifact keys: lower case letters, digits and dashes."""
@@ -28,6 +30,6 @@ def publish_plot(key: str, png: str, description: str) -> None:
     """A markdown artifact embedding a PNG (as a data URI) with its description."""
     if FlowRunContext.get() is None:
         return
-    data = base64.b64encode(Path(png).read_bytes()).decode()
+    data = base64.b64encode(read_bytes(png)).decode()
     markdown = f"### {description}\n\n![{Path(png).name}](data:image/png;base64,{data})\n\n`{png}`"
     create_markdown_artifact(key=_key(key), markdown=markdown, description=description)
