@@ -37,7 +37,7 @@ def main() -> None:
         for workers in (1, 2):
             start = time.perf_counter()
             ds = stratify_flow(args.out, DEFAULT_MODEL, (args.hook,), BUILTIN_CONCEPTS, refs,
-                               StratifyConfig(n_workers=workers))
+                               StratifyConfig(n_workers=workers), refresh=True)
             times[workers].append(time.perf_counter() - start)
             ranks[workers] = ds["rank"].values
     one, two = statistics.median(times[1]), statistics.median(times[2])

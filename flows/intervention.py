@@ -6,16 +6,16 @@ import itertools
 
 import numpy as np
 import xarray as xr
-from prefect import flow, unmapped
+from prefect import flow
 
 from flows.config import InterventionStageConfig
-from flows.dask import dask_runner
+from flows.grid import run_grid
 from saema_core.intervention import InterventionConfig
 from saema_core.statistics import correlate, verdict
 from storage.plots import plot_intervention
 from storage.results import write_group
 from tasks.artifacts import publish_plot, publish_table
-from tasks.intervention import TRAJECTORY_FIELDS, intervention_cell
+from tasks.intervention import TRAJECTORY_FIELDS, inputs_fingerprint
 from tasks.sae import SAERef
 
 KINDS = ("optimised", "control")
@@ -23,12 +23,23 @@ _STATS = ("pearson_r", "pearson_p", "pearson_ci_low", "pearson_ci_high",
           "spearman_r", "spearman_p", "spearman_ci_low", "spearman_ci_high", "n")
 
 
-@flow(name="saema-intervention-grid")
-def intervention_grid(out, model_name, cells, sae_paths, sae_ids, seed, bases, control_seeds) -> list[dict]:
-    hooks, concepts, _, directions, alphas = (list(column) for column in zip(*cells))
-    futures = intervention_cell.map(unmapped(out), unmapped(model_name), hooks, concepts, sae_paths, sae_ids,
-                                    unmapped(seed), bases, directions, alphas, control_seeds)
-    return [future.result() for future in futures]
+def intervention_calls(out: str, model_name: str, cells, sae_refs: list[SAERef], cfg: InterventionStageConfig,
+                       structure_seed: int) -> list[dict]:
+    """One `intervention_cell` call per (hook, concept, objective, direction, α), inputs fingerprinted."""
+    saes = {ref.hook: ref for ref in sae_refs if ref.kind == "sae"}
+    fingerprints: dict[tuple, str] = {}
+    calls = []
+    for i, (hook, concept, objective, direction, alpha) in enumerate(cells):
+        sae = saes[hook]
+        if (hook, concept) not in fingerprints:
+            fingerprints[hook, concept] = inputs_fingerprint(out, model_name, hook, concept, sae.sae_id, sae.hash,
+                                                             structure_seed)
+        base = InterventionConfig(objective=objective, lam=cfg.lam, steps=cfg.steps, lr=cfg.lr,
+                                  clamp_nonnegative=cfg.clamp, seed=cfg.seed)
+        calls.append({"out": out, "model_name": model_name, "hook": hook, "concept": concept, "sae_path": sae.path,
+                      "sae_id": sae.sae_id, "seed": structure_seed, "base": base, "direction": direction,
+                      "alpha": alpha, "control_seed": cfg.seed + i, "content": fingerprints[hook, concept]})
+    return calls
 
 
 def _stats_row(stats) -> list[float]:
@@ -79,15 +90,12 @@ def intervention_dataset(model, cells, results, cfg: InterventionStageConfig, ho
 @flow(name="saema-intervention", log_prints=True)
 def intervention_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: tuple[str, ...],
                       sae_refs: list[SAERef], cfg: InterventionStageConfig = InterventionStageConfig(),
-                      structure_seed: int = 42, dask_address: str | None = None, n_workers: int = 2) -> xr.Dataset:
+                      structure_seed: int = 42, dask_address: str | None = None, n_workers: int = 2,
+                      refresh: bool = False) -> xr.Dataset:
     """Optimised interventions and controls per cell; correlations, verdicts and a plot per hook."""
-    saes = {ref.hook: ref for ref in sae_refs if ref.kind == "sae"}
     cells = list(itertools.product(hooks, concepts, cfg.objectives, cfg.directions, cfg.alphas))
-    bases = [InterventionConfig(objective=o, lam=cfg.lam, steps=cfg.steps, lr=cfg.lr, clamp_nonnegative=cfg.clamp,
-                                seed=cfg.seed) for _, _, o, _, _ in cells]
-    grid = intervention_grid.with_options(task_runner=dask_runner(dask_address, n_workers))
-    results = grid(out, model_name, cells, [saes[h].path for h, *_ in cells], [saes[h].sae_id for h, *_ in cells],
-                   structure_seed, bases, [cfg.seed + i for i in range(len(cells))])
+    calls = intervention_calls(out, model_name, cells, sae_refs, cfg, structure_seed)
+    results = run_grid("intervention", out, calls, refresh, dask_address, n_workers)
     ds = intervention_dataset(model_name, cells, results, cfg, list(hooks), list(concepts))
     write_group(out, "intervention", ds)
     for hook in hooks:

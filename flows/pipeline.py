@@ -30,14 +30,14 @@ def saema_pipeline(cfg: PipelineConfig = PipelineConfig(), stages: tuple[str, ..
     concepts = tuple(ref.concept for ref in refs if ref.concept is not None)
     if "sae" not in stages:
         return
-    sae_refs = sae_flow(ex.out, ex.model.name, ex.hooks, concepts, cfg.sae)
+    sae_refs = sae_flow(ex.out, ex.model.name, ex.hooks, concepts, cfg.sae, model=ex.model)
+    dask = (cfg.stratify.dask_address, cfg.stratify.n_workers)
     if "stratify" in stages:
-        stratify_flow(ex.out, ex.model.name, ex.hooks, concepts, sae_refs, cfg.stratify)
+        stratify_flow(ex.out, ex.model.name, ex.hooks, concepts, sae_refs, cfg.stratify, ex.refresh)
     if "structure" in stages:
-        structure_flow(ex.out, ex.model.name, ex.hooks, concepts, sae_refs, cfg.structure,
-                       cfg.stratify.dask_address, cfg.stratify.n_workers)
+        structure_flow(ex.out, ex.model.name, ex.hooks, concepts, sae_refs, cfg.structure, *dask, ex.refresh)
     if "intervention" in stages:
         intervention_flow(ex.out, ex.model.name, ex.hooks, concepts, sae_refs, cfg.intervention,
-                          cfg.structure.seeds[0], cfg.stratify.dask_address, cfg.stratify.n_workers)
+                          cfg.structure.seeds[0], *dask, ex.refresh)
     if "report" in stages:
         print(f"report: {write_report(ex.out)}")

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import xarray as xr
-from prefect import flow, unmapped
+from prefect import flow
 
 from flows.config import StratifyConfig
-from flows.dask import dask_runner
+from flows.grid import run_grid
 from saema_core.ranks import ESTIMATORS, MODES
 from saema_core.stratification import stratification_verdict
+from storage.activation_store import activation_store_url, content_hash
 from storage.plots import plot_rank_vs_noise
 from storage.results import write_group
 from tasks.artifacts import publish_plot, publish_table
 from tasks.sae import SAERef
-from tasks.stratify import StratifyParams, stratify_cells
+from tasks.stratify import StratifyParams
 
 _SPACE_SAE_KIND = {"latent": "sae", "dense_ae": "dense_ae"}
 
@@ -89,28 +90,31 @@ def strata_dataset(model: str, cells, results, cfg: StratifyConfig, hooks, conce
     return ds
 
 
-@flow(name="saema-stratify-grid")
-def stratify_grid(out: str, model_name: str, cells: list[tuple[str, str, str]], sae_paths: list[str | None],
-                  params: StratifyParams) -> list[dict]:
-    """The (hook × concept × space) tasks mapped over the Dask task runner given by the caller."""
-    hooks, concepts, spaces = (list(column) for column in zip(*cells))
-    futures = stratify_cells.map(unmapped(out), unmapped(model_name), hooks, concepts, spaces, sae_paths,
-                                 unmapped(params))
-    return [future.result() for future in futures]
+def stratify_calls(out: str, model_name: str, cells, sae_refs: list[SAERef], params: StratifyParams) -> list[dict]:
+    """One `stratify_cells` call per (hook, concept, space), with the content it reads fingerprinted."""
+    refs = {(ref.hook, ref.kind): ref for ref in sae_refs}
+    url = activation_store_url(out, model_name)
+    calls = []
+    for hook, concept, space in cells:
+        ref = refs.get((hook, _SPACE_SAE_KIND.get(space)))
+        content = f"{content_hash(url, hook, concept)}|{ref.hash if ref else 'identity'}"
+        calls.append({"out": out, "model_name": model_name, "hook": hook, "concept": concept, "space": space,
+                      "sae_path": ref.path if ref else None, "params": params, "content": content})
+    return calls
 
 
 @flow(name="saema-stratify", log_prints=True)
 def stratify_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: tuple[str, ...],
-                  sae_refs: list[SAERef], cfg: StratifyConfig = StratifyConfig()) -> xr.Dataset:
+                  sae_refs: list[SAERef], cfg: StratifyConfig = StratifyConfig(), refresh: bool = False) -> xr.Dataset:
     """Rank vs noise for every (hook, concept, space); verdicts and strata to results.zarr."""
     params = StratifyParams(cfg.noise_levels, cfg.replicates, cfg.noise_scale, cfg.seed)
-    paths = {(ref.hook, ref.kind): ref.path for ref in sae_refs}
+    kinds = {(ref.hook, ref.kind) for ref in sae_refs}
     cells = _cells(list(hooks), list(concepts), cfg.spaces)
-    missing = [(h, s) for h, _, s in cells if s != "resid" and (h, _SPACE_SAE_KIND[s]) not in paths]
+    missing = [(h, s) for h, _, s in cells if s != "resid" and (h, _SPACE_SAE_KIND[s]) not in kinds]
     if missing:
         raise ValueError(f"no SAE for (hook, space) {sorted(set(missing))}; train or pass them first")
-    grid = stratify_grid.with_options(task_runner=dask_runner(cfg.dask_address, cfg.n_workers))
-    results = grid(out, model_name, cells, [paths.get((h, _SPACE_SAE_KIND.get(s))) for h, _, s in cells], params)
+    calls = stratify_calls(out, model_name, cells, sae_refs, params)
+    results = run_grid("stratify", out, calls, refresh, cfg.dask_address, cfg.n_workers)
     ds = stratification_dataset(model_name, cells, results, cfg, list(hooks), list(concepts))
     write_group(out, "stratification", ds)
     write_group(out, "strata", strata_dataset(model_name, cells, results, cfg, list(hooks), list(concepts)))

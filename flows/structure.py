@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import xarray as xr
-from prefect import flow, unmapped
+from prefect import flow
 
 from flows.config import StructureStageConfig
-from flows.dask import dask_runner
+from flows.grid import run_grid
 from saema_core.structure import METRIC_NAMES
 from storage.plots import plot_structure_scatter
 from storage.results import write_group
 from tasks.artifacts import publish_plot, publish_table
 from tasks.sae import SAERef
-from tasks.structure import concept_points, procrustes_between, structure_cell
+from tasks.structure import concept_points, points_fingerprint, procrustes_between
 
 _KIND = {"latent": "sae", "dense_ae": "dense_ae"}
 _DESCRIPTIONS = {
@@ -26,13 +26,18 @@ _DESCRIPTIONS = {
 }
 
 
-@flow(name="saema-structure-grid")
-def structure_grid(out, model_name, cells, sae_ids, cfg: StructureStageConfig) -> list[dict]:
-    hooks, concepts, spaces, seeds = (list(column) for column in zip(*cells))
-    scatter = [seed == cfg.seeds[0] for seed in seeds]
-    futures = structure_cell.map(unmapped(out), unmapped(model_name), hooks, concepts, spaces, sae_ids, seeds,
-                                 unmapped(cfg.core()), scatter)
-    return [future.result() for future in futures]
+def structure_calls(out: str, model_name: str, cells, sae_ids, cfg: StructureStageConfig) -> list[dict]:
+    """One `structure_cell` call per (hook, concept, space, seed); scatter coordinates for the first seed."""
+    fingerprints: dict[tuple, str] = {}
+    calls = []
+    for (hook, concept, space, seed), sae_id in zip(cells, sae_ids):
+        where = (hook, concept, space, sae_id)
+        if where not in fingerprints:
+            fingerprints[where] = points_fingerprint(out, model_name, *where)
+        calls.append({"out": out, "model_name": model_name, "hook": hook, "concept": concept, "space": space,
+                      "sae_id": sae_id, "seed": seed, "cfg": cfg.core(), "with_scatter": seed == cfg.seeds[0],
+                      "content": fingerprints[where]})
+    return calls
 
 
 def structure_dataset(model: str, cells, results, cfg: StructureStageConfig, hooks, concepts,
@@ -73,13 +78,13 @@ def structure_dataset(model: str, cells, results, cfg: StructureStageConfig, hoo
 @flow(name="saema-structure", log_prints=True)
 def structure_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: tuple[str, ...],
                    sae_refs: list[SAERef], cfg: StructureStageConfig = StructureStageConfig(),
-                   dask_address: str | None = None, n_workers: int = 2) -> xr.Dataset:
+                   dask_address: str | None = None, n_workers: int = 2, refresh: bool = False) -> xr.Dataset:
     """Clusters and geometry per (hook, concept, space, seed) → the `structure` group and scatter plots."""
     ids = {(ref.hook, ref.kind): ref.sae_id for ref in sae_refs}
     cells = [(h, c, s, seed) for h in hooks for c in concepts for s in cfg.spaces for seed in cfg.seeds]
     sae_ids = [ids.get((h, _KIND.get(s))) for h, _, s, _ in cells]
-    grid = structure_grid.with_options(task_runner=dask_runner(dask_address, n_workers))
-    results = grid(out, model_name, cells, sae_ids, cfg)
+    calls = structure_calls(out, model_name, cells, sae_ids, cfg)
+    results = run_grid("structure", out, calls, refresh, dask_address, n_workers)
     tokens = {c: concept_points(out, model_name, hooks[0], c, "resid", None)[1] for c in concepts}
     ds = structure_dataset(model_name, cells, results, cfg, list(hooks), list(concepts), tokens)
     write_group(out, "structure", ds)

@@ -69,9 +69,11 @@ def extract_config(args: argparse.Namespace) -> ExtractConfig:
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
+    from flows.backend import prefect_backend
     from flows.extract import extract_flow
 
-    extract_flow(extract_config(args))
+    with prefect_backend():
+        extract_flow(extract_config(args))
 
 
 def _add_sae_options(parser: argparse.ArgumentParser) -> None:
@@ -176,9 +178,11 @@ def pipeline_command(*stages: str) -> Callable[[argparse.Namespace], None]:
     """A subcommand that runs `saema_pipeline` up to the given stages (all of them when none)."""
 
     def command(args: argparse.Namespace) -> None:
+        from flows.backend import prefect_backend
         from flows.pipeline import STAGES, saema_pipeline
 
-        saema_pipeline(pipeline_config(args), stages=stages or STAGES)
+        with prefect_backend():
+            saema_pipeline(pipeline_config(args), stages=stages or STAGES)
 
     return command
 

@@ -80,14 +80,15 @@ def _sweep(x, mask, encode, params: StratifyParams, hook: str, concept: str, spa
     return {"rank": ranks, **counts, **strata, "scale": scale, "n_analysed": int(mask.sum())}
 
 
-@task(name="stratify", task_run_name="stratify {hook} {concept} {space}", cache_policy=NO_CACHE,
+@task(name="stratify", task_run_name="stratify {model_name} {hook} {concept} {space}", cache_policy=NO_CACHE,
       retries=2, retry_delay_seconds=[1, 5])
 def stratify_cells(out: str, model_name: str, hook: str, concept: str, space: str,
-                   sae_path: str | None, params: StratifyParams) -> dict:
+                   sae_path: str | None, params: StratifyParams, content: str = "") -> dict:
     """Every (σ, replicate) cell of one (hook, concept, space): ranks, counts and support strata.
 
     The σ = 0, replicate 0 supports are the reference of the strata statistics (noise levels are
-    sorted, so σ = 0 comes first when present).
+    sorted, so σ = 0 comes first when present). `content` fingerprints the activations and SAE read
+    (part of the cache key, see tasks/caching.py).
     """
     torch.set_num_threads(params.threads)
     with threadpool_limits(params.threads):

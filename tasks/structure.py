@@ -29,17 +29,31 @@ def concept_points(out: str, model_name: str, hook: str, concept: str, space: st
     return (csr.toarray() if density > _DENSE_ABOVE else csr), tokens
 
 
+def points_fingerprint(out: str, model_name: str, hook: str, concept: str, space: str,
+                       sae_id: str | None) -> str:
+    """What `concept_points` reads, as a cache-key input: the activations or the latents' own key."""
+    if space == "resid":
+        return store.content_hash(store.activation_store_url(out, model_name), hook, concept)
+    key = latent_store.latents_key(latent_store.latent_store_url(out, model_name),
+                                   latent_store.latent_group(concept, hook, sae_id))
+    if key is None:
+        raise ValueError(f"no complete latents for {concept} at {hook} ({sae_id}); encode them first")
+    return key
+
+
 def _result_dict(result, xy: np.ndarray | None) -> dict:
     return {"labels": result.labels.tolist(), "metrics": result.metrics, "reason": result.reason,
             "cluster_ids": result.cluster_ids.tolist(), "centroids": result.centroids.tolist(),
             "xy": None if xy is None else xy.tolist()}
 
 
-@task(name="structure", task_run_name="structure {hook} {concept} {space} seed {seed}",
+@task(name="structure", task_run_name="structure {model_name} {hook} {concept} {space} seed {seed}",
       cache_policy=NO_CACHE, retries=1)
 def structure_cell(out: str, model_name: str, hook: str, concept: str, space: str, sae_id: str | None,
-                   seed: int, cfg: StructureConfig, with_scatter: bool = False) -> dict:
-    """UMAP → HDBSCAN → metrics of one point set; labels per analysed token (+ a 2-D UMAP)."""
+                   seed: int, cfg: StructureConfig, with_scatter: bool = False, content: str = "") -> dict:
+    """UMAP → HDBSCAN → metrics of one point set; labels per analysed token (+ a 2-D UMAP).
+
+    `content` fingerprints the points read (part of the cache key, see tasks/caching.py)."""
     cell = f"{hook}/{concept}/{space}/seed={seed}"
     with threadpool_limits(1):
         points, _ = concept_points(out, model_name, hook, concept, space, sae_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,9 @@ from flows.pipeline import saema_pipeline
 from storage import latent_store
 from storage.models import ModelSpec
 from storage.results import read_group
+from flows.stratify import stratify_calls, stratify_flow
+from tasks.caching import pending_cells
+from tasks.sae import train_or_load_sae
 from tasks.stratify import StratifyParams, stratify_cells
 
 HOOK = "blocks.1.hook_resid_post"
@@ -73,11 +77,46 @@ def test_a_cell_alone_equals_the_grid_and_workers_do_not_matter(pipeline_run, tm
     params = StratifyParams(cfg.noise_levels, cfg.replicates, cfg.noise_scale, cfg.seed)
     alone = stratify_cells.fn(out, model, HOOK, "planets", "resid", None, params)
     np.testing.assert_array_equal(np.asarray(alone["rank"]), grid["rank"].values)
-    # One worker gives the same ranks as two.
+    # One worker gives the same ranks as two (recomputed: the cache key does not hold the workers).
     two_workers = read_group(out, "stratification").load()
-    saema_pipeline(replace(pipeline_run, stratify=replace(cfg, n_workers=1)))
+    refs = [train_or_load_sae.fn(out, model, HOOK, kind, pipeline_run.sae) for kind in ("sae", "dense_ae")]
+    stratify_flow(out, model, (HOOK,), pipeline_run.extract.concepts, refs, replace(cfg, n_workers=1),
+                  refresh=True)
     one_worker = read_group(out, "stratification").load()
     np.testing.assert_array_equal(one_worker["rank"].values, two_workers["rank"].values)
+
+
+def _grid_calls(cfg: PipelineConfig, concepts: tuple[str, ...]) -> list[dict]:
+    out, model = cfg.extract.out, cfg.extract.model.name
+    refs = [train_or_load_sae.fn(out, model, HOOK, kind, cfg.sae) for kind in ("sae", "dense_ae")]
+    s = cfg.stratify
+    params = StratifyParams(s.noise_levels, s.replicates, s.noise_scale, s.seed)
+    cells = [(HOOK, c, space) for c in concepts for space in s.spaces]
+    return stratify_calls(out, model, cells, refs, params)
+
+
+def test_an_unchanged_rerun_is_served_from_the_cache(pipeline_run):
+    out = pipeline_run.extract.out
+    calls = _grid_calls(pipeline_run, pipeline_run.extract.concepts)
+    assert pending_cells(stratify_cells, out, calls) == 0
+    before = read_group(out, "structure").load()
+    cache = sorted(p.name for p in (Path(out) / ".cache").iterdir())
+    saema_pipeline(pipeline_run)
+    assert sorted(p.name for p in (Path(out) / ".cache").iterdir()) == cache  # no new results
+    xr.testing.assert_identical(read_group(out, "structure").load(), before)
+    # --refresh recomputes: every cell counts as pending.
+    assert pending_cells(stratify_cells, out, calls, refresh=True) == len(calls)
+
+
+def test_changed_content_or_a_new_concept_computes_only_that(pipeline_run):
+    out = pipeline_run.extract.out
+    calls = _grid_calls(pipeline_run, pipeline_run.extract.concepts)
+    other_sae = [dict(call, content=call["content"] + "-retrained") for call in calls if call["space"] == "latent"]
+    assert pending_cells(stratify_cells, out, other_sae) == len(other_sae)
+    wider = replace(pipeline_run, extract=replace(pipeline_run.extract, concepts=("days", "planets", "months")))
+    saema_pipeline(wider, stages=("extract", "sae"))
+    calls = _grid_calls(wider, wider.extract.concepts)
+    assert pending_cells(stratify_cells, out, calls) == len(wider.stratify.spaces)  # months only
 
 
 def test_structure_group_keeps_labels_and_tokens(pipeline_run):
