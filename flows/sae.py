@@ -7,6 +7,7 @@ import xarray as xr
 from prefect import flow
 
 from flows.config import SAEStageConfig
+from storage.models import ModelSpec
 from storage.results import write_group
 from tasks.artifacts import publish_table
 from tasks.sae import SAE_KINDS, SAERef, encode_concept, evaluate_sae, train_or_load_sae
@@ -20,7 +21,13 @@ METRICS = {
     "dead_fraction": ("fraction of latents that never fire on the held-out tokens", "1"),
     "dense_fraction": ("fraction of latents firing on more than 10% of held-out tokens", "1"),
     "n_tokens": ("held-out corpus tokens evaluated", "tokens"),
+    "ce_loss_without_sae": ("the model's own LM loss on held-out corpus sequences (next-token or masked)",
+                            "nats/token"),
+    "ce_loss_with_sae": ("the LM loss with the SAE reconstruction spliced in at the hook", "nats/token"),
+    "ce_loss_with_ablation": ("the LM loss with the hook's residual stream zeroed", "nats/token"),
 }
+CE_LOSS_SCORE = ("(zero-ablation CE − spliced CE) / (zero-ablation CE − clean CE); reconstruction and "
+                 "zero ablation replace non-special tokens only")
 
 
 def sae_eval_dataset(model_name: str, refs: list[SAERef], metrics: list[dict]) -> xr.Dataset:
@@ -38,29 +45,45 @@ def sae_eval_dataset(model_name: str, refs: list[SAERef], metrics: list[dict]) -
     variables = {name: (("model", "hook", "sae"), data[name], {"long_name": name, "description": d, "units": u})
                  for name, (d, u) in METRICS.items()}
     variables["sae_id"] = (("model", "hook", "sae"), ids, {"description": "SAE checkpoint folder name"})
-    variables["ce_loss_score"] = (("model", "hook", "sae"), np.full(shape, np.nan), {
-        "long_name": "ce_loss_score", "units": "1",
-        "description": "(zero-ablation CE − spliced CE) / (zero-ablation CE − clean CE)",
-        "reason": "not computed: the spliced-in LM loss needs a model with an LM head; "
-                  "the activation models are loaded without one"})
+    variables["ce_loss_score"] = ce_loss_score_variable(refs, metrics, hooks, kinds)
     return xr.Dataset(variables, coords={"model": [model_name], "hook": hooks, "sae": kinds})
+
+
+def ce_loss_score_variable(refs: list[SAERef], metrics: list[dict], hooks: list[str],
+                           kinds: list[str]) -> tuple:
+    """`ce_loss_score` (model, hook, sae); a `reason` attribute, naming the cells, only where it is NaN."""
+    score = np.full((1, len(hooks), len(kinds)), np.nan)
+    reasons: dict[str, list[str]] = {}
+    for ref, values in zip(refs, metrics):
+        score[0, hooks.index(ref.hook), kinds.index(ref.kind)] = values["ce_loss_score"]
+        if np.isnan(values["ce_loss_score"]):
+            reasons.setdefault(values["ce_loss_reason"], []).append(f"{ref.hook} {ref.kind}")
+    attrs = {"long_name": "ce_loss_score", "units": "1", "description": CE_LOSS_SCORE}
+    if reasons:
+        attrs["reason"] = "; ".join(f"{reason} ({', '.join(cells)})" for reason, cells in reasons.items())
+    return ("model", "hook", "sae"), score, attrs
 
 
 @flow(name="saema-sae", log_prints=True)
 def sae_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: tuple[str, ...],
-             cfg: SAEStageConfig = SAEStageConfig()) -> list[SAERef]:
-    """Train or load the SAEs, encode every concept, evaluate on held-out corpus tokens."""
+             cfg: SAEStageConfig = SAEStageConfig(), model: ModelSpec | None = None) -> list[SAERef]:
+    """Train or load the SAEs, encode every concept, evaluate on held-out corpus tokens.
+
+    `model` (default: `model_name` with default loading options) loads the LM-head checkpoint for the
+    spliced-in CE loss; pass the extraction's spec so dtype, device and trust_remote_code match.
+    """
     kinds = [k for k in SAE_KINDS if k == "sae" or cfg.train_dense]
     refs = [train_or_load_sae(out, model_name, hook, kind, cfg) for hook in hooks for kind in kinds]
     for ref in refs:
         for concept in concepts:
             encode_concept(out, model_name, concept, ref)
-    metrics = [evaluate_sae(out, model_name, ref, cfg.holdout_fraction) for ref in refs]
+    metrics = [evaluate_sae(out, model_name, ref, cfg.holdout_fraction, model) for ref in refs]
     evaluation = sae_eval_dataset(model_name, refs, metrics)
     write_group(out, "sae_eval", evaluation)
-    publish_table("sae-eval", evaluation.drop_vars(["sae_id", "ce_loss_score"]).to_dataframe(),
+    publish_table("sae-eval", evaluation.drop_vars(["sae_id"]).to_dataframe(),
                   "SAE and dense-AE reconstruction on held-out corpus tokens")
     for ref, values in zip(refs, metrics):
         print(f"{ref.hook} {ref.kind} {ref.sae_id}: EV {values['explained_variance']:.3f}, "
-              f"L0 {values['l0']:.1f}, dead {values['dead_fraction']:.3f}")
+              f"L0 {values['l0']:.1f}, dead {values['dead_fraction']:.3f}, "
+              f"CE loss score {values['ce_loss_score']:.3f}")
     return refs

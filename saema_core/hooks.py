@@ -6,12 +6,14 @@
 The hooks sit on the block modules themselves, so they see the residual stream exactly, never the
 final-norm output that `hidden_states[-1]` holds for pre-norm models. One forward captures every
 requested hook, and the forward is cut short after the deepest requested block.
+`replaced_residual` uses the same hook points to splice a function of the residual stream (an SAE
+reconstruction, zeros) into a full forward.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -128,3 +130,44 @@ def capture_residuals(
     if missing:
         raise HookError(f"hooks {missing} did not fire during the forward of {type(model).__name__}")
     return captured
+
+
+def _replaced_output(output: object, new_hidden: torch.Tensor) -> object:
+    """A block's output with its hidden state swapped, keeping the tuple shape when there is one."""
+    return (new_hidden, *output[1:]) if isinstance(output, tuple) else new_hidden
+
+
+@contextmanager
+def replaced_residual(
+    model: torch.nn.Module, hook: str, replace: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[None]:
+    """Within the context, every forward of `model` sees `replace(x)` instead of the residual x at `hook`.
+
+    x and `replace(x)` are (batch, seq, d_model); `hook_resid_pre` rewrites the block's input,
+    `hook_resid_post` its output, so the rest of the forward (later blocks, final norm, LM head) runs on
+    the replacement. The hook is removed on exit, also when the forward raises.
+    """
+    blocks = find_blocks(model)
+    point = parse_hook(hook, len(blocks))
+
+    def checked(x: torch.Tensor) -> torch.Tensor:
+        new = replace(x)
+        if new.shape != x.shape:
+            raise HookError(f"replacement at {hook} has shape {tuple(new.shape)}, expected {tuple(x.shape)}")
+        return new
+
+    def pre_hook(module, args, kwargs):
+        if args:
+            return (checked(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": checked(kwargs["hidden_states"])}
+
+    def post_hook(module, args, output):
+        return _replaced_output(output, checked(_hidden(output)))
+
+    block = blocks[point.layer]
+    handle = (block.register_forward_pre_hook(pre_hook, with_kwargs=True) if point.kind == "pre"
+              else block.register_forward_hook(post_hook))
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,15 +14,21 @@ from flows.config import SAEStageConfig
 from saema_core.sae import SAE
 from saema_core.sae_metrics import ReconstructionMetricsAccumulator
 from saema_core.sae_training import TrainingConfig, train_sae, training_sae_config
+from saema_core.splice import CELossConfig, spliced_ce_losses
 from storage import activation_store as store
 from storage import latent_store
 from storage.activation_store import model_slug
+from storage.locations import basename, canonical, exists, join, read_text, write_text
+from storage.models import ModelSpec, load_lm_head_model
 from storage.provenance import config_hash, provenance
 from storage.sae_checkpoints import load_sae, sae_hash, save_sae
 from tasks.progress import StageProgress
 
 SAE_KINDS = ("sae", "dense_ae")
 ENCODE_BATCH = 4096
+CE_SEQUENCES = 32  # held-out corpus sequences for the spliced-in CE loss: 3 forwards each
+#: SAELens names: the score, then the loss without the SAE, with it spliced in, with the hook zeroed.
+CE_LOSS_NAMES = ("ce_loss_score", "ce_loss_without_sae", "ce_loss_with_sae", "ce_loss_with_ablation")
 
 
 @dataclass(frozen=True)
@@ -50,11 +55,12 @@ def _training_key(cfg: SAEStageConfig, kind: str, corpus_hash: str, model_revisi
     return config_hash({**fields, "kind": kind, "corpus": corpus_hash, "model": model_revision})
 
 
-def _cached_sae(folder: Path, key: str) -> SAE | None:
-    cfg_file = folder / "cfg.json"
-    if not cfg_file.is_file():
+def _cached_sae(folder: str, key: str) -> SAE | None:
+    """The SAE in `folder` (a path or fsspec URL) if it was trained with this training key."""
+    cfg_file = join(folder, "cfg.json")
+    if not exists(cfg_file):
         return None
-    metadata = json.loads(cfg_file.read_text()).get("metadata", {})
+    metadata = json.loads(read_text(cfg_file)).get("metadata", {})
     return load_sae(folder) if metadata.get("saema_training_key") == key else None
 
 
@@ -80,17 +86,17 @@ def train_or_load_sae(out: str, model_name: str, hook: str, kind: str, cfg: SAES
     user_path = cfg.checkpoint_for(hook) if kind == "sae" else None
     if user_path:
         sae = load_sae(user_path, expected_d_in=d_model)
-        return SAERef(str(user_path), Path(user_path).name, kind, sae_hash(sae), hook)
+        return SAERef(str(user_path), basename(str(user_path)), kind, sae_hash(sae), hook)
     key = _training_key(cfg, kind, corpus.attrs["content_hash"], corpus.attrs["model_revision"])
-    folder = Path(out) / "saes" / model_slug(model_name) / hook / sae_id(cfg, kind, d_model)
+    folder = canonical(join(out, "saes", model_slug(model_name), hook, sae_id(cfg, kind, d_model)))
     sae = _cached_sae(folder, key)
     if sae is None:
         metadata = provenance(model_name=model_name, hook_name=hook, saema_training_key=key,
                               corpus_hash=corpus.attrs["content_hash"])
         sae, history = _train(cfg, kind, url, hook, d_model, metadata)
         save_sae(sae, folder)
-        (folder / "training_history.json").write_text(json.dumps(history.as_dict()))
-    return SAERef(str(folder), folder.name, kind, sae_hash(sae), hook)
+        write_text(join(folder, "training_history.json"), json.dumps(history.as_dict()))
+    return SAERef(folder, basename(folder), kind, sae_hash(sae), hook)
 
 
 def _encode(sae: SAE, x: np.ndarray) -> np.ndarray:
@@ -117,8 +123,10 @@ def encode_concept(out: str, model_name: str, concept: str, ref: SAERef) -> str:
 
 
 @task(name="evaluate-sae", task_run_name="evaluate {ref.kind} {ref.hook}", cache_policy=NO_CACHE)
-def evaluate_sae(out: str, model_name: str, ref: SAERef, holdout_fraction: float) -> dict[str, float]:
-    """SAELens-named reconstruction metrics on the held-out corpus chunks."""
+def evaluate_sae(out: str, model_name: str, ref: SAERef, holdout_fraction: float,
+                 model: ModelSpec | None = None, ce_sequences: int = CE_SEQUENCES) -> dict[str, float | str]:
+    """SAELens-named reconstruction metrics on the held-out corpus chunks, and the spliced-in CE loss
+    on up to `ce_sequences` held-out sequences (NaN with `ce_loss_reason` when it cannot be computed)."""
     url = store.activation_store_url(out, model_name)
     sae = load_sae(ref.path)
     _, held_out = store.corpus_chunks(url, ref.hook, holdout_fraction)
@@ -129,5 +137,48 @@ def evaluate_sae(out: str, model_name: str, ref: SAERef, holdout_fraction: float
             latents, reconstruction = sae(x)
             metrics.update(x, reconstruction, latents)
     result = metrics.compute()
-    return {name: float(getattr(result, name)) for name in
-            ("mse", "explained_variance", "cossim", "l0", "l1", "dead_fraction", "dense_fraction", "n_tokens")}
+    values = {name: float(getattr(result, name)) for name in
+              ("mse", "explained_variance", "cossim", "l0", "l1", "dead_fraction", "dense_fraction", "n_tokens")}
+    spec = model or ModelSpec(name=model_name)
+    return {**values, **_ce_loss_values(url, ref.hook, held_out, sae, spec, ce_sequences)}
+
+
+def _held_out_sequences(corpus, held_out: list[slice], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and analysed-token mask (sequences, seq_len) of the first `n` held-out sequences of
+    the corpus group (a lazy xarray Dataset).
+
+    Corpus chunks are whole sequences (row-major sequence × position, no padding), so a chunk reshapes
+    to (rows, seq_len); the mask is False exactly at the special tokens.
+    """
+    seq_len = int(corpus.attrs["seq_len"])
+    ids, analysed = [], []
+    for region in held_out:
+        ids.append(corpus["token_id"][region].values.reshape(-1, seq_len))
+        analysed.append(corpus["mask"][region].values.reshape(-1, seq_len))
+        if sum(len(rows) for rows in ids) >= n:
+            break
+    return torch.from_numpy(np.concatenate(ids)[:n]), torch.from_numpy(np.concatenate(analysed)[:n])
+
+
+def _ce_loss_nan(reason: str) -> dict[str, float | str]:
+    return {**dict.fromkeys(CE_LOSS_NAMES, float("nan")), "ce_loss_reason": reason}
+
+
+def _ce_loss_values(url: str, hook: str, held_out: list[slice], sae: SAE, spec: ModelSpec,
+                    n_sequences: int) -> dict[str, float | str]:
+    """`ce_loss_score` and its three losses under SAELens names, or NaN and the reason."""
+    if not held_out:
+        return _ce_loss_nan("no held-out corpus chunks to evaluate on")
+    loaded = load_lm_head_model(spec)
+    if loaded.lm is None:
+        return _ce_loss_nan(loaded.reason)
+    lm, corpus = loaded.lm, store.open_activations(url, hook)
+    if lm.revision != corpus.attrs["model_revision"]:
+        raise ValueError(f"{spec.name} {hook}: the LM-head checkpoint has revision {lm.revision}, but the "
+                         f"activations were extracted from revision {corpus.attrs['model_revision']}; "
+                         f"re-extract")
+    ids, analysed = _held_out_sequences(corpus, held_out, n_sequences)
+    losses = spliced_ce_losses(lm.model, hook, sae, ids, torch.ones_like(ids), ~analysed,
+                               CELossConfig(kind=lm.kind), lm.tokenizer.mask_token_id)
+    values = (losses.score, losses.clean, losses.sae, losses.zero_ablation)
+    return {**dict(zip(CE_LOSS_NAMES, values)), "ce_loss_reason": losses.reason}

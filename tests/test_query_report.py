@@ -56,7 +56,8 @@ def _write_stratify(out: str, model: str, hooks: list[str], concepts: list[str])
 
 def _write_sae_eval(out: str, model: str, hooks: list[str]) -> None:
     refs = [SAERef(f"/saes/{h}/{k}", f"{k}-x4", k, "abc", h) for h in hooks for k in ("sae", "dense_ae")]
-    metrics = [{name: 0.1 * (i + 1) for name in METRICS} for i, _ in enumerate(refs)]
+    metrics = [{**{name: 0.1 * (i + 1) for name in METRICS}, "ce_loss_score": float("nan"),
+                "ce_loss_reason": "no LM head in the checkpoint"} for i, _ in enumerate(refs)]
     write_group(out, "sae_eval", sae_eval_dataset(model, refs, metrics))
 
 
