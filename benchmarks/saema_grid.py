@@ -19,6 +19,7 @@ import numpy as np
 
 from flows.config import SAEStageConfig, StratifyConfig
 from flows.stratify import stratify_flow
+from storage.results import read_group
 from storage.models import DEFAULT_MODEL
 from storage.prompts import BUILTIN_CONCEPTS
 from tasks.sae import train_or_load_sae
@@ -36,10 +37,10 @@ def main() -> None:
     for _ in range(args.repeats):
         for workers in (1, 2):
             start = time.perf_counter()
-            ds = stratify_flow(args.out, DEFAULT_MODEL, (args.hook,), BUILTIN_CONCEPTS, refs,
-                               StratifyConfig(n_workers=workers), refresh=True)
+            stratify_flow(args.out, DEFAULT_MODEL, (args.hook,), BUILTIN_CONCEPTS, refs,
+                          StratifyConfig(n_workers=workers), refresh=True)
             times[workers].append(time.perf_counter() - start)
-            ranks[workers] = ds["rank"].values
+            ranks[workers] = read_group(args.out, "stratification").sel(hook=args.hook)["rank"].values
     one, two = statistics.median(times[1]), statistics.median(times[2])
     cells = len(BUILTIN_CONCEPTS) * 3 * 10 * 3
     print(f"machine: {os.cpu_count()} cores; grid: 1 hook × {len(BUILTIN_CONCEPTS)} concepts × 3 spaces × "

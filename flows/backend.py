@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 
 from prefect.logging.handlers import APILogWorker
-from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
-                              temporary_settings)
+from prefect.settings import (
+    PREFECT_API_URL,
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    temporary_settings,
+)
 
 
 @contextlib.contextmanager
@@ -30,9 +34,12 @@ def prefect_backend() -> Iterator[str]:
     server.start(timeout=PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
     os.environ["PREFECT_API_URL"] = server.api_url  # inherited by worker processes of a local cluster
     try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        # Heartbeats let a long-lived server notice crashed runs; this server lives only as long as the
+        # run, and each flow would wait up to a second for its heartbeat thread at exit.
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url, "flows.heartbeat_frequency": None}):
             yield server.api_url
     finally:
         APILogWorker.drain_all(timeout=5)  # the run's last logs reach the server before it stops
+        time.sleep(1.0)  # and its task-run recorder its last events (it drops in-flight ones at shutdown)
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 from storage.corpus import DEFAULT_CORPUS
 from storage.models import ModelSpec
 
 DEFAULT_HOOKS: tuple[str, ...] = ("blocks.3.hook_resid_post",)
 DEFAULT_OUT = "saema-out"
+
+if TYPE_CHECKING:
+    from saema_core.structure import StructureConfig
 
 
 @dataclass(frozen=True)

@@ -4,26 +4,47 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.config import (DEFAULT_HOOKS, DEFAULT_OUT, ExtractConfig, PipelineConfig, SAEStageConfig,
-                          StratifyConfig)
-from flows.pipeline import saema_pipeline
+from flows.config import (
+    DEFAULT_HOOKS,
+    DEFAULT_OUT,
+    ExtractConfig,
+    PipelineConfig,
+    SAEStageConfig,
+    StratifyConfig,
+)
+from flows.pipeline import STAGES, saema_pipeline
+from storage.corpus import DEFAULT_CORPUS
 from storage.models import DEFAULT_MODEL, ModelSpec
 
 
 @flow(name="saema-scheduled")
 def scheduled_pipeline(
     model: str = DEFAULT_MODEL,
-    hooks: list[str] = list(DEFAULT_HOOKS),
-    concepts: list[str] | None = None,
+    hooks: tuple[str, ...] = DEFAULT_HOOKS,
+    concepts: tuple[str, ...] = (),
     out: str = DEFAULT_OUT,
+    corpus: str | None = DEFAULT_CORPUS,
+    corpus_max_tokens: int = ExtractConfig.corpus_max_tokens,
     sae_steps: int = SAEStageConfig.n_steps,
+    sae_batch_size: int = SAEStageConfig.batch_size,
+    noise_levels: tuple[float, ...] = StratifyConfig.noise_levels,
     replicates: int = StratifyConfig.replicates,
     dask_address: str | None = None,
+    n_workers: int = StratifyConfig.n_workers,
+    stages: tuple[str, ...] = STAGES,
 ) -> None:
-    """`saema run` for a deployment: every parameter is JSON, so a schedule can carry it."""
+    """`saema run` for a deployment: every parameter is JSON (tuples are JSON arrays), so a schedule
+    (or a one-off run with overrides, e.g. a small `corpus_max_tokens`, `sae_steps` and `stages` up
+    to stratify) can carry it. Empty `concepts`: all built-in concepts.
+
+    Paths (`out`, `corpus`, a local `model` folder) are relative to the working directory of the
+    deployment: the repository root that `prefect deploy --all` ran in.
+    """
     cfg = PipelineConfig(
         extract=ExtractConfig(out=out, model=ModelSpec(name=model), hooks=tuple(hooks),
-                              concepts=tuple(concepts or ())),
-        sae=SAEStageConfig(n_steps=sae_steps),
-        stratify=StratifyConfig(replicates=replicates, dask_address=dask_address))
-    saema_pipeline(cfg)
+                              concepts=tuple(concepts), corpus=corpus,
+                              corpus_max_tokens=corpus_max_tokens),
+        sae=SAEStageConfig(n_steps=sae_steps, batch_size=sae_batch_size),
+        stratify=StratifyConfig(noise_levels=tuple(noise_levels), replicates=replicates,
+                                dask_address=dask_address, n_workers=n_workers))
+    saema_pipeline(cfg, stages=tuple(stages))

@@ -12,6 +12,7 @@ from flows.config import InterventionStageConfig
 from flows.grid import run_grid
 from saema_core.intervention import InterventionConfig
 from saema_core.statistics import correlate, verdict
+from storage.locations import exists
 from storage.plots import plot_intervention
 from storage.results import write_group
 from tasks.artifacts import publish_plot, publish_table
@@ -91,19 +92,20 @@ def intervention_dataset(model, cells, results, cfg: InterventionStageConfig, ho
 def intervention_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: tuple[str, ...],
                       sae_refs: list[SAERef], cfg: InterventionStageConfig = InterventionStageConfig(),
                       structure_seed: int = 42, dask_address: str | None = None, n_workers: int = 2,
-                      refresh: bool = False) -> xr.Dataset:
+                      refresh: bool = False) -> None:
     """Optimised interventions and controls per cell; correlations, verdicts and a plot per hook."""
     cells = list(itertools.product(hooks, concepts, cfg.objectives, cfg.directions, cfg.alphas))
     calls = intervention_calls(out, model_name, cells, sae_refs, cfg, structure_seed)
     results = run_grid("intervention", out, calls, refresh, dask_address, n_workers)
     ds = intervention_dataset(model_name, cells, results, cfg, list(hooks), list(concepts))
-    write_group(out, "intervention", ds)
+    changed = write_group(out, "intervention", ds)
     for hook in hooks:
-        png = plot_intervention(ds.sel(model=model_name, hook=hook), f"{out}/plots/intervention_{hook}.png")
+        png = f"{out}/plots/intervention_{hook}.png"
+        if changed or not exists(png):
+            plot_intervention(ds.sel(model=model_name, hook=hook), png)
         publish_plot(f"intervention-{hook}", png, f"ΔMSE vs ΔSep at {hook}: optimised vs random control")
     publish_table("intervention-statistics", ds[["pearson_r", "pearson_p", "spearman_r", "spearman_p"]].to_dataframe(),
                   "correlation of ΔSep and ΔMSE per (model, hook, concept, objective, intervention)")
     for (hook, concept, objective), text in np.ndenumerate(ds.verdict.sel(model=model_name).values):
         if text:
             print(f"{hooks[hook]} {concepts[concept]} {cfg.objectives[objective]}: {text}")
-    return ds

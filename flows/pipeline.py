@@ -10,11 +10,11 @@ from prefect import flow
 
 from flows.config import PipelineConfig
 from flows.extract import extract_flow
+from flows.intervention import intervention_flow
 from flows.sae import sae_flow
 from flows.stratify import stratify_flow
-from flows.intervention import intervention_flow
 from flows.structure import structure_flow
-from storage.report import write_report
+from storage.report import report_is_current, write_report
 
 STAGES = ("extract", "sae", "stratify", "structure", "intervention", "report")
 
@@ -30,7 +30,7 @@ def saema_pipeline(cfg: PipelineConfig = PipelineConfig(), stages: tuple[str, ..
     concepts = tuple(ref.concept for ref in refs if ref.concept is not None)
     if "sae" not in stages:
         return
-    sae_refs = sae_flow(ex.out, ex.model.name, ex.hooks, concepts, cfg.sae, model=ex.model)
+    sae_refs = sae_flow(ex.out, ex.model.name, ex.hooks, concepts, cfg.sae, model=ex.model, refresh=ex.refresh)
     dask = (cfg.stratify.dask_address, cfg.stratify.n_workers)
     if "stratify" in stages:
         stratify_flow(ex.out, ex.model.name, ex.hooks, concepts, sae_refs, cfg.stratify, ex.refresh)
@@ -40,4 +40,7 @@ def saema_pipeline(cfg: PipelineConfig = PipelineConfig(), stages: tuple[str, ..
         intervention_flow(ex.out, ex.model.name, ex.hooks, concepts, sae_refs, cfg.intervention,
                           cfg.structure.seeds[0], *dask, ex.refresh)
     if "report" in stages:
-        print(f"report: {write_report(ex.out)}")
+        current = report_is_current(ex.out)
+        print(f"report: {ex.out.rstrip('/')}/report.html" + (" (unchanged)" if current else ""))
+        if not current:
+            write_report(ex.out)

@@ -7,9 +7,11 @@ import xarray as xr
 from prefect import flow
 
 from flows.config import SAEStageConfig
+from storage.activation_store import activation_store_url, content_hash
 from storage.models import ModelSpec
 from storage.results import write_group
 from tasks.artifacts import publish_table
+from tasks.caching import cached
 from tasks.sae import SAE_KINDS, SAERef, encode_concept, evaluate_sae, train_or_load_sae
 
 METRICS = {
@@ -66,7 +68,8 @@ def ce_loss_score_variable(refs: list[SAERef], metrics: list[dict], hooks: list[
 
 @flow(name="saema-sae", log_prints=True)
 def sae_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: tuple[str, ...],
-             cfg: SAEStageConfig = SAEStageConfig(), model: ModelSpec | None = None) -> list[SAERef]:
+             cfg: SAEStageConfig = SAEStageConfig(), model: ModelSpec | None = None,
+             refresh: bool = False) -> list[SAERef]:
     """Train or load the SAEs, encode every concept, evaluate on held-out corpus tokens.
 
     `model` (default: `model_name` with default loading options) loads the LM-head checkpoint for the
@@ -77,7 +80,9 @@ def sae_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: tuple[
     for ref in refs:
         for concept in concepts:
             encode_concept(out, model_name, concept, ref)
-    metrics = [evaluate_sae(out, model_name, ref, cfg.holdout_fraction, model) for ref in refs]
+    evaluate = cached(evaluate_sae, out, refresh)
+    corpus = {hook: content_hash(activation_store_url(out, model_name), hook) for hook in hooks}
+    metrics = [evaluate(out, model_name, ref, cfg.holdout_fraction, model, content=corpus[ref.hook]) for ref in refs]
     evaluation = sae_eval_dataset(model_name, refs, metrics)
     write_group(out, "sae_eval", evaluation)
     publish_table("sae-eval", evaluation.drop_vars(["sae_id"]).to_dataframe(),

@@ -11,6 +11,7 @@ from flows.grid import run_grid
 from saema_core.ranks import ESTIMATORS, MODES
 from saema_core.stratification import stratification_verdict
 from storage.activation_store import activation_store_url, content_hash
+from storage.locations import exists
 from storage.plots import plot_rank_vs_noise
 from storage.results import write_group
 from tasks.artifacts import publish_plot, publish_table
@@ -105,7 +106,7 @@ def stratify_calls(out: str, model_name: str, cells, sae_refs: list[SAERef], par
 
 @flow(name="saema-stratify", log_prints=True)
 def stratify_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: tuple[str, ...],
-                  sae_refs: list[SAERef], cfg: StratifyConfig = StratifyConfig(), refresh: bool = False) -> xr.Dataset:
+                  sae_refs: list[SAERef], cfg: StratifyConfig = StratifyConfig(), refresh: bool = False) -> None:
     """Rank vs noise for every (hook, concept, space); verdicts and strata to results.zarr."""
     params = StratifyParams(cfg.noise_levels, cfg.replicates, cfg.noise_scale, cfg.seed)
     kinds = {(ref.hook, ref.kind) for ref in sae_refs}
@@ -116,10 +117,12 @@ def stratify_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: t
     calls = stratify_calls(out, model_name, cells, sae_refs, params)
     results = run_grid("stratify", out, calls, refresh, cfg.dask_address, cfg.n_workers)
     ds = stratification_dataset(model_name, cells, results, cfg, list(hooks), list(concepts))
-    write_group(out, "stratification", ds)
+    changed = write_group(out, "stratification", ds)
     write_group(out, "strata", strata_dataset(model_name, cells, results, cfg, list(hooks), list(concepts)))
     for hook in hooks:
-        png = plot_rank_vs_noise(ds.sel(model=model_name, hook=hook), f"{out}/plots/stratification_{hook}.png")
+        png = f"{out}/plots/stratification_{hook}.png"
+        if changed or not exists(png):
+            plot_rank_vs_noise(ds.sel(model=model_name, hook=hook), png)
         publish_plot(f"stratification-{hook}", png, f"SAEMA latent-mode rank vs noise at {hook}")
     verdicts = ds[["stratified", "n_strata", "transition_noise"]].sel(mode="latent", estimator="numerical")
     publish_table("stratification-verdicts", verdicts.to_dataframe(),
@@ -127,4 +130,3 @@ def stratify_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: t
     latent = ds.sel(mode="latent", estimator="numerical", space="latent" if "latent" in cfg.spaces else cfg.spaces[0])
     print(f"stratified (latent mode, numerical rank): {int(latent.stratified.sum())} of {latent.stratified.size} "
           f"(hook, concept) cells")
-    return ds

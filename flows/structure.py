@@ -9,6 +9,7 @@ from prefect import flow
 from flows.config import StructureStageConfig
 from flows.grid import run_grid
 from saema_core.structure import METRIC_NAMES
+from storage.locations import exists
 from storage.plots import plot_structure_scatter
 from storage.results import write_group
 from tasks.artifacts import publish_plot, publish_table
@@ -78,7 +79,7 @@ def structure_dataset(model: str, cells, results, cfg: StructureStageConfig, hoo
 @flow(name="saema-structure", log_prints=True)
 def structure_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: tuple[str, ...],
                    sae_refs: list[SAERef], cfg: StructureStageConfig = StructureStageConfig(),
-                   dask_address: str | None = None, n_workers: int = 2, refresh: bool = False) -> xr.Dataset:
+                   dask_address: str | None = None, n_workers: int = 2, refresh: bool = False) -> None:
     """Clusters and geometry per (hook, concept, space, seed) → the `structure` group and scatter plots."""
     ids = {(ref.hook, ref.kind): ref.sae_id for ref in sae_refs}
     cells = [(h, c, s, seed) for h in hooks for c in concepts for s in cfg.spaces for seed in cfg.seeds]
@@ -87,17 +88,17 @@ def structure_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: 
     results = run_grid("structure", out, calls, refresh, dask_address, n_workers)
     tokens = {c: concept_points(out, model_name, hooks[0], c, "resid", None)[1] for c in concepts}
     ds = structure_dataset(model_name, cells, results, cfg, list(hooks), list(concepts), tokens)
-    write_group(out, "structure", ds)
+    changed = write_group(out, "structure", ds)
     by_cell = dict(zip(cells, results))
     for hook in hooks:
         for concept in concepts:
-            panels = {s: by_cell[(hook, concept, s, cfg.seeds[0])] for s in cfg.spaces}
-            png = plot_structure_scatter(panels, tokens[concept], f"{hook} · {concept}",
-                                         f"{out}/plots/structure_{hook}_{concept}.png")
+            png = f"{out}/plots/structure_{hook}_{concept}.png"
+            if changed or not exists(png):
+                panels = {s: by_cell[(hook, concept, s, cfg.seeds[0])] for s in cfg.spaces}
+                plot_structure_scatter(panels, tokens[concept], f"{hook} · {concept}", png)
             publish_plot(f"structure-{hook}-{concept}", png, f"UMAP of {concept} at {hook}, coloured by cluster")
     metrics = ds[["n_clusters", "noise_fraction", "avg_intrinsic_dim", "mst_weight", "agd", "procrustes_disparity"]]
     publish_table("structure-metrics", metrics.mean("seed").to_dataframe(),
                   "structure metrics per (model, hook, concept, space), mean over UMAP seeds")
     clusters = ds["n_clusters"].mean(["model", "hook", "concept", "seed"]).to_pandas()
     print(f"structure: {len(cells)} cells; mean clusters per space: {clusters.round(1).to_dict()}")
-    return ds

@@ -37,7 +37,6 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
-import ot
 import torch
 
 _MIN_SQUARED_DISTANCE = 1e-24
@@ -119,6 +118,8 @@ def _uniform(n: int, like: torch.Tensor) -> torch.Tensor:
 
 def _gw2(c1: torch.Tensor, c2: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """POT's squared-loss GW discrepancy, differentiable in c1, c2 through POT's torch backend."""
+    import ot  # on first use: POT is slow to import and a cached re-run never needs it
+
     return ot.gromov.gromov_wasserstein2(c1, c2, p, q, loss_fun="square_loss", symmetric=True)
 
 

@@ -29,9 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import hdbscan
 import numpy as np
-import umap
 
 from saema_core.structure_metrics import (
     average_geodesic_distance,
@@ -206,6 +204,8 @@ def embed_umap(
         data = points.scaled.multiply(points.row_scale[:, None]).tocsr()
     else:
         data = preprocessed_dense(points).astype(np.float32)
+    import umap  # on first use: it loads numba (~1 s), which a cached re-run never needs
+
     model = umap.UMAP(
         n_components=n_components,
         n_neighbors=n_neighbors,
@@ -224,6 +224,8 @@ def cluster_hdbscan(embedding: np.ndarray, min_cluster_size: int) -> np.ndarray:
     """(n,) int64 HDBSCAN labels of an (n, d) embedding, −1 = noise."""
     if embedding.shape[0] < min_cluster_size:
         return np.full(embedding.shape[0], -1, dtype=np.int64)  # no cluster can be that large
+    import hdbscan
+
     model = hdbscan.HDBSCAN(min_cluster_size=min_cluster_size)
     return np.asarray(model.fit_predict(embedding), dtype=np.int64)
 

@@ -55,9 +55,11 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model ready for extraction, with the facts provenance needs."""
+    """A model ready for extraction, with the facts provenance needs.
 
-    model: torch.nn.Module
+    The weights load on first use of `model`: a re-run whose activations are all stored needs only
+    the tokenizer and the config."""
+
     tokenizer: transformers.PreTrainedTokenizerBase
     spec: ModelSpec
     source: str
@@ -65,6 +67,10 @@ class LoadedModel:
     architecture: str
     n_layers: int
     d_model: int
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return _weights(self.spec, self.source)
 
     @property
     def device(self) -> torch.device:
@@ -141,24 +147,29 @@ def _revision(config: transformers.PretrainedConfig, source: str, spec: ModelSpe
 
 @functools.lru_cache(maxsize=4)
 def load_model(spec: ModelSpec = ModelSpec()) -> LoadedModel:
-    """Load model and tokenizer (cached per process, so tasks can call it freely)."""
+    """Tokenizer and config now, weights on first use (cached per process, so tasks can call it freely)."""
     source = resolve_source(spec.name)
     tokenizer = _from_pretrained(transformers.AutoTokenizer, source, spec)
     _prepare_tokenizer(tokenizer)
-    model = _from_pretrained(transformers.AutoModel, source, spec, dtype=_DTYPES[spec.dtype])
-    model.to(resolve_device(spec.device)).eval()
-    config = model.config
-    revision = _revision(config, source, spec)
+    config = _from_pretrained(transformers.AutoConfig, source, spec)
+    # The class AutoModel will build (named without loading weights; remote code: the config's own).
+    architecture = (modeling_auto.MODEL_MAPPING_NAMES.get(config.model_type)
+                    or (getattr(config, "architectures", None) or ["unknown"])[0])
     return LoadedModel(
-        model=model,
         tokenizer=tokenizer,
         spec=spec,
         source=source,
-        revision=revision,
-        architecture=type(model).__name__,
+        revision=_revision(config, source, spec),
+        architecture=architecture,
         n_layers=int(config.num_hidden_layers),
         d_model=int(config.hidden_size),
     )
+
+
+@functools.lru_cache(maxsize=2)
+def _weights(spec: ModelSpec, source: str) -> torch.nn.Module:
+    model = _from_pretrained(transformers.AutoModel, source, spec, dtype=_DTYPES[spec.dtype])
+    return model.to(resolve_device(spec.device)).eval()
 
 
 _LM_LOADERS = {"causal": transformers.AutoModelForCausalLM, "masked": transformers.AutoModelForMaskedLM}

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from storage.locations import write_text
+from storage.locations import is_local, local_path, write_text
 from storage.plots import plot_rank_vs_noise
 from storage.provenance import provenance
 from storage.results import GROUPS, open_results, results_url
@@ -285,6 +285,18 @@ def render_report(out: str) -> str:
         f"<title>saema report — {html.escape(out)}</title><style>{CSS}</style></head><body>",
         f"<h1>saema report</h1><p>{html.escape(results_url(out))}</p><nav>{contents}</nav>",
         *sections, other_plots_section(out, plotted_names(tree)), footer_html(out), "</body></html>"])
+
+
+def report_is_current(out: str, path: str | None = None) -> bool:
+    """True when a local report is newer than every results group and plot it shows (an unchanged
+    re-run leaves those untouched); always False for remote outputs, which have no cheap mtimes."""
+    path = path or f"{out.rstrip('/')}/report.html"
+    if not (is_local(out) and is_local(path)) or not local_path(path).exists():
+        return False
+    root = local_path(out)
+    shown = [*(root / "results.zarr").glob("*"), *(root / "plots").glob("*.png")]
+    written = local_path(path).stat().st_mtime
+    return all(item.stat().st_mtime <= written for item in shown)
 
 
 def write_report(out: str, path: str | None = None) -> str:

@@ -136,18 +136,26 @@ def _variable_length_strings(ds: xr.Dataset) -> xr.Dataset:
         {name: ds[name].astype(object) for name in fixed if name in ds.coords})
 
 
-def write_group(out: str, group: str, ds: xr.Dataset) -> None:
-    """Merge `ds` into the stored group (new cells win) and write it back atomically."""
+def write_group(out: str, group: str, ds: xr.Dataset) -> bool:
+    """Merge `ds` into the stored group (new cells win) and write it back atomically.
+
+    Returns False, writing nothing, when the stored group already holds exactly these values (an
+    unchanged re-run)."""
     if group not in GROUPS:
         raise ResultsError(f"unknown results group {group!r}; groups are {GROUPS}")
     url = results_url(out)
     with write_lock(url):
-        merged = _variable_length_strings(_merge(ds, read_group(out, group)))
+        old = read_group(out, group)
+        old = None if old is None else _variable_length_strings(old.load())
+        merged = _variable_length_strings(_merge(ds, old))
+        if old is not None and merged.identical(old):
+            return False
         if is_local(url):
             _swap_in(local_path(url), group, merged)
         else:
             merged.to_zarr(url, group=group, mode="w", consolidated=False)
         zarr.consolidate_metadata(url)
+    return True
 
 
 def _swap_in(root: Path, group: str, ds: xr.Dataset) -> None:

@@ -6,8 +6,9 @@ the task reads — the activation group's content hash, the SAE's weight hash, t
 starts from — so an equal key means equal work, whatever the paths. Results are persisted as JSON
 (never pickles) next to the results, in `<out>/.cache`, so deleting the output deletes its cache.
 
-The flows ask `pending_cells` before they start a Dask cluster: a fully cached stage runs its tasks in
-threads, where every one of them finishes as `Cached` in a few milliseconds.
+A stage whose every cell is cached reads the results straight from this store (`cached_results`):
+no Dask cluster, no task runs to record. Otherwise the grid runs on Dask and the cached cells finish
+there as `Cached` task runs.
 """
 
 from __future__ import annotations
@@ -101,6 +102,18 @@ def pending_cells(task: Task, out: str, calls: Iterable[Mapping[str, Any]], refr
         return len(calls)
     store = _result_store(out)
     return sum(not store.exists(cell_key(task.name, _with_defaults(task, call))) for call in calls)
+
+
+def cached_results(task: Task, out: str, calls: Iterable[Mapping[str, Any]]) -> list[Any] | None:
+    """The cached result of every call, in order — or None as soon as one is missing."""
+    store = _result_store(out)
+    results = []
+    for call in calls:
+        key = cell_key(task.name, _with_defaults(task, call))
+        if not store.exists(key):
+            return None
+        results.append(store.read(key).result)
+    return results
 
 
 def remember_results(task: Task, out: str, calls: Iterable[Mapping[str, Any]], results: Iterable[Any]) -> int:

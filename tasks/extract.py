@@ -9,7 +9,6 @@ import numpy as np
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from tqdm.auto import tqdm
 
 from flows.config import ExtractConfig
 from saema_core.hooks import capture_residuals

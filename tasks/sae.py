@@ -122,11 +122,14 @@ def encode_concept(out: str, model_name: str, concept: str, ref: SAERef) -> str:
     return group
 
 
-@task(name="evaluate-sae", task_run_name="evaluate {ref.kind} {ref.hook}", cache_policy=NO_CACHE)
+@task(name="evaluate-sae", task_run_name="evaluate {model_name} {ref.kind} {ref.hook}", cache_policy=NO_CACHE)
 def evaluate_sae(out: str, model_name: str, ref: SAERef, holdout_fraction: float,
-                 model: ModelSpec | None = None, ce_sequences: int = CE_SEQUENCES) -> dict[str, float | str]:
+                 model: ModelSpec | None = None, ce_sequences: int = CE_SEQUENCES,
+                 content: str = "") -> dict[str, float | str]:
     """SAELens-named reconstruction metrics on the held-out corpus chunks, and the spliced-in CE loss
-    on up to `ce_sequences` held-out sequences (NaN with `ce_loss_reason` when it cannot be computed)."""
+    on up to `ce_sequences` held-out sequences (NaN with `ce_loss_reason` when it cannot be computed).
+
+    `content` fingerprints the corpus activations read (part of the cache key, see tasks/caching.py)."""
     url = store.activation_store_url(out, model_name)
     sae = load_sae(ref.path)
     _, held_out = store.corpus_chunks(url, ref.hook, holdout_fraction)

@@ -24,7 +24,7 @@ from flows.config import (
     StratifyConfig,
     StructureStageConfig,
 )
-from flows.dask import dask_runner
+from flows.dask_runner import dask_runner
 from flows.extract import extract_flow
 from flows.pipeline import saema_pipeline
 from saema.api import open_results

@@ -32,6 +32,17 @@ def test_runs_extend_the_group_along_dimensions(tmp_path):
     assert float(read_group(out, "stratification")["rank"].sel(model="m", hook="h1", concept="months")) == 5.0
 
 
+def test_an_unchanged_write_leaves_the_group_untouched(tmp_path):
+    out = str(tmp_path)
+    assert write_group(out, "stratification", _cells(["h1", "h2"], ["months"], 1.0))
+    group = tmp_path / "results.zarr" / "stratification"
+    written = group.stat().st_mtime_ns
+    assert not write_group(out, "stratification", _cells(["h1"], ["months"], 1.0))  # already stored
+    assert group.stat().st_mtime_ns == written
+    assert write_group(out, "stratification", _cells(["h1"], ["months"], 2.0))  # a changed value is written
+    assert float(read_group(out, "stratification")["rank"].sel(model="m", hook="h1", concept="months")) == 2.0
+
+
 def test_open_results_is_a_lazy_datatree(tmp_path):
     write_group(str(tmp_path), "sae_eval", _cells(["h1"], ["c"], 0.5))
     tree = open_results(str(tmp_path))
