@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from flows.backend import prefect_backend
 from flows.config import SAEStageConfig, StratifyConfig
 from flows.stratify import stratify_flow
 from storage.results import read_group
@@ -34,13 +35,14 @@ def main() -> None:
     sae_cfg = SAEStageConfig()
     refs = [train_or_load_sae.fn(args.out, DEFAULT_MODEL, args.hook, kind, sae_cfg) for kind in ("sae", "dense_ae")]
     times, ranks = {1: [], 2: []}, {}
-    for _ in range(args.repeats):
-        for workers in (1, 2):
-            start = time.perf_counter()
-            stratify_flow(args.out, DEFAULT_MODEL, (args.hook,), BUILTIN_CONCEPTS, refs,
-                          StratifyConfig(n_workers=workers), refresh=True)
-            times[workers].append(time.perf_counter() - start)
-            ranks[workers] = read_group(args.out, "stratification").sel(hook=args.hook)["rank"].values
+    with prefect_backend():  # as `saema run`: one temporary Prefect server, shared with the workers
+        for _ in range(args.repeats):
+            for workers in (1, 2):
+                start = time.perf_counter()
+                stratify_flow(args.out, DEFAULT_MODEL, (args.hook,), BUILTIN_CONCEPTS, refs,
+                              StratifyConfig(n_workers=workers), refresh=True)
+                times[workers].append(time.perf_counter() - start)
+                ranks[workers] = read_group(args.out, "stratification").sel(hook=args.hook)["rank"].values
     one, two = statistics.median(times[1]), statistics.median(times[2])
     cells = len(BUILTIN_CONCEPTS) * 3 * 10 * 3
     print(f"machine: {os.cpu_count()} cores; grid: 1 hook × {len(BUILTIN_CONCEPTS)} concepts × 3 spaces × "
