@@ -159,3 +159,15 @@ def test_results_open_with_plain_xarray(pipeline_run):
     from pathlib import Path
     html = Path(pipeline_run.extract.out, "report.html").read_text()
     assert "data:image/png;base64," in html and "intervention" in html
+
+
+def test_a_schedule_naming_a_model_that_cannot_load_fails_and_leaves_the_store_intact(pipeline_run):
+    from flows.deployments import scheduled_pipeline
+    from storage.models import ModelLoadError
+
+    out = pipeline_run.extract.out
+    before = {group: read_group(out, group).load() for group in ("stratification", "structure", "sae_eval")}
+    with pytest.raises(ModelLoadError, match="no-such-org/no-such-model"):
+        scheduled_pipeline(model="no-such-org/no-such-model", hooks=(HOOK,), concepts=("days",), out=out)
+    for group, stored in before.items():
+        xr.testing.assert_identical(read_group(out, group).load(), stored)
