@@ -46,6 +46,7 @@ def run_grid(stage: str, out: str, calls: list[Mapping[str, Any]], refresh: bool
     print(f"{stage}: {len(calls) - pending} of {len(calls)} cells cached, {pending} to compute")
     results = grid_flow.with_options(task_runner=dask_runner(dask_address, n_workers, out))(
         stage, out, calls, refresh)
-    if missing := remember_results(GRID_TASKS[stage], out, calls, results):
+    missing = remember_results(GRID_TASKS[stage], out, calls, results, overwrite=refresh)
+    if missing and not refresh:
         print(f"{stage}: cached {missing} results the workers left unstored")
     return results

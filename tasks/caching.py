@@ -116,18 +116,20 @@ def cached_results(task: Task, out: str, calls: Iterable[Mapping[str, Any]]) -> 
     return results
 
 
-def remember_results(task: Task, out: str, calls: Iterable[Mapping[str, Any]], results: Iterable[Any]) -> int:
-    """Store the records of computed cells that are missing from the cache; returns how many.
+def remember_results(task: Task, out: str, calls: Iterable[Mapping[str, Any]], results: Iterable[Any],
+                     overwrite: bool = False) -> int:
+    """Store the records of computed cells that are missing from the cache (every one when
+    `overwrite`, as after `--refresh`); returns how many were written.
 
     On a local cluster of worker processes, Prefect 3.8.8 now and then finishes a task run as
-    Completed without its result record on disk (about one in five cells here, never with the
-    thread runner); the flow holds every result, so it writes what the workers did not.
+    Completed without its result record on disk (one cell in five to ten here); the flow holds every
+    result, so it writes what the workers did not.
     """
     store = _result_store(out)
     written = 0
     for call, result in zip(calls, results):
         key = cell_key(task.name, _with_defaults(task, call))
-        if not store.exists(key):
+        if overwrite or not store.exists(key):
             store.write(result, key=key)
             written += 1
     return written
