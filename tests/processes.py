@@ -111,6 +111,16 @@ def _group_alive(group: int) -> bool:
     return True
 
 
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL a process and every descendant (its temporary Prefect server, its Dask workers) at
+    once, with no chance to clean up — what a crash or `kill -9` of a run does."""
+    family = [process.pid] + [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
+    for pid in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait()
+
+
 def logs(services: Iterable[Service]) -> str:
     return "\n".join(service.output() for service in services)
 

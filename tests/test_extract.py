@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +20,7 @@ from saema_core.hooks import HookError, capture_residuals
 from storage import activation_store as store
 from storage.models import ModelSpec, load_model
 from storage.prompts import builtin_concept
+from tests.processes import kill_tree
 
 HOOKS = ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_post")
 
@@ -131,8 +130,7 @@ def test_kill_9_then_rerun_completes(tmp_path, tiny_model_dirs, corpus_file):
             pass
         time.sleep(0.05)
     assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_tree(process)  # the run and its temporary Prefect server, which would otherwise outlive the test
     assert not store.group_complete(url, store.group_path(HOOKS[0]))
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -3,21 +3,18 @@ results equal those of an uninterrupted run."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import xarray as xr
 
 from storage.corpus import iter_documents
 from storage.results import read_group
-from tests.processes import child_env
+from tests.processes import child_env, kill_tree
 
 HOOK = "blocks.1.hook_resid_post"
 TIMEOUT = 900
@@ -38,22 +35,11 @@ def _start(out: Path, model: str, corpus: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _kill_tree(process: subprocess.Popen) -> None:
-    """SIGKILL the run, its temporary Prefect server and its Dask workers, with no chance to clean up."""
-    family = [process.pid] + [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
-    for pid in family:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    process.wait()
-
-
 def _finish(process: subprocess.Popen, out: Path) -> None:
     try:
         code = process.wait(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
-        _kill_tree(process)
+        kill_tree(process)
         raise
     assert code == 0, out.with_suffix(".log").read_text(errors="replace")[-4000:]
 
@@ -71,7 +57,7 @@ def test_a_run_killed_in_the_structure_stage_resumes_to_the_same_results(tmp_pat
         assert victim.poll() is None, killed.with_suffix(".log").read_text(errors="replace")[-4000:]
         assert time.monotonic() < deadline, "the structure stage never started"
         time.sleep(0.2)
-    _kill_tree(victim)
+    kill_tree(victim)
     assert read_group(str(killed), "intervention") is None  # killed before the end
     _finish(_start(killed, model, corpus), killed)
     _finish(reference, whole)
