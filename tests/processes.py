@@ -121,6 +121,21 @@ def kill_tree(process: subprocess.Popen) -> None:
     process.wait()
 
 
+def completed_task_runs(client, name_like: str) -> list:
+    """Task runs in state Completed whose name matches the SQL pattern `name_like`, from `client`'s API."""
+    from prefect.client.schemas.filters import (
+        TaskRunFilter,
+        TaskRunFilterName,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    wanted = TaskRunFilter(name=TaskRunFilterName(like_=name_like),
+                           state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.COMPLETED])))
+    return client.read_task_runs(task_run_filter=wanted)
+
+
 def logs(services: Iterable[Service]) -> str:
     return "\n".join(service.output() for service in services)
 

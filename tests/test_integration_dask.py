@@ -13,13 +13,6 @@ import xarray as xr
 from dask.utils import key_split
 from distributed import Client, get_task_stream
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import (
-    TaskRunFilter,
-    TaskRunFilterName,
-    TaskRunFilterState,
-    TaskRunFilterStateType,
-)
-from prefect.client.schemas.objects import StateType
 from prefect.settings import PREFECT_API_URL
 
 from flows.config import ExtractConfig, PipelineConfig, SAEStageConfig, StratifyConfig
@@ -30,6 +23,7 @@ from tasks.stratify import stratify_cells
 from tests.processes import (
     Service,
     child_env,
+    completed_task_runs,
     free_port,
     logs,
     start_service,
@@ -128,14 +122,6 @@ def tiny_config(tmp_path: Path, out: str, dask_address: str | None) -> PipelineC
                                 n_workers=N_WORKERS))
 
 
-def completed_task_run_names(name_like: str) -> list[str]:
-    """Completed task runs of the test's own Prefect backend (the conftest harness) whose name matches."""
-    wanted = TaskRunFilter(name=TaskRunFilterName(like_=name_like),
-                           state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.COMPLETED])))
-    with get_client(sync_client=True) as client:
-        return [run.name for run in client.read_task_runs(task_run_filter=wanted)]
-
-
 def run_stages_up_to_stratify(cfg: PipelineConfig) -> xr.Dataset:
     saema_pipeline(cfg, stages=("extract", "sae", "stratify"))
     return read_group(cfg.extract.out, "stratification").load()
@@ -154,7 +140,8 @@ def test_stratify_runs_on_the_given_scheduler_and_equals_a_local_cluster(dask_cl
         f"{len(ran)} {task_name} tasks ran on {dask_cluster.address}\n{logs(dask_cluster.services)}")
     assert set(ran) == set(workers.values()), f"tasks ran on {sorted(set(ran))}; workers: {workers}"
     # Their task runs reached the test's Prefect API; no worker started a temporary server of its own.
-    assert len(completed_task_run_names(f"stratify {cfg.extract.model.name} %")) == n_cells
+    with get_client(sync_client=True) as client:  # the test's own backend, the conftest harness
+        assert len(completed_task_runs(client, f"stratify {cfg.extract.model.name} %")) == n_cells
     assert "temporary server" not in logs(dask_cluster.workers)
 
     local = run_stages_up_to_stratify(tiny_config(tmp_path, "out-local", None))

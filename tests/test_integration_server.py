@@ -23,18 +23,15 @@ from prefect.client.schemas.filters import (
     FlowRunFilterDeploymentId,
     FlowRunFilterState,
     FlowRunFilterStateType,
-    TaskRunFilter,
-    TaskRunFilterName,
-    TaskRunFilterState,
-    TaskRunFilterStateType,
 )
-from prefect.client.schemas.objects import StateType, TaskRun
+from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.responses import DeploymentResponse
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from tests.processes import (
     Service,
     child_env,
+    completed_task_runs,
     free_port,
     logs,
     start_service,
@@ -116,13 +113,6 @@ def scheduled_start_times(server: RealServer, deployment_id: UUID) -> list[datet
                            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])))
     with client_of(server) as client:
         return sorted(run.expected_start_time for run in client.read_flow_runs(flow_run_filter=wanted))
-
-
-def completed_task_runs(server: RealServer, name_like: str) -> list[TaskRun]:
-    wanted = TaskRunFilter(name=TaskRunFilterName(like_=name_like),
-                           state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.COMPLETED])))
-    with client_of(server) as client:
-        return client.read_task_runs(task_run_filter=wanted)
 
 
 def cron_dates(schedule: dict, start: datetime, n: int) -> list[datetime]:
@@ -209,4 +199,5 @@ def test_deploy_all_and_a_process_worker_run_a_deployment(prefect_server, tmp_pa
     assert list(ds.hook.values) == [HOOK] and list(ds.concept.values) == ["days"]
     assert np.isfinite(ds["rank"].values).all()
     # The Dask workers inside the flow-run process reported their task runs to this server.
-    assert len(completed_task_runs(prefect_server, "stratify ")) == len(SPACES)
+    with client_of(prefect_server) as client:
+        assert len(completed_task_runs(client, "stratify ")) == len(SPACES)
