@@ -13,9 +13,10 @@ flag is set; an interrupted extraction re-runs only the batches whose flag is mi
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
+from zarr.core.sync import sync
 
 from storage.batches import BatchPlan, TokenBatch
 from storage.locations import canonical, is_local, local_path
@@ -124,21 +126,38 @@ class GroupWriter:
 
     def __post_init__(self) -> None:
         self.group = zarr.open_group(self.url, path=self.path, mode="r+", use_consolidated=False)
-        # Open every array once: `group[name]` re-reads its metadata from the store on each access.
-        self.arrays = {name: self.group[name] for name in
-                       ("resid", "batch_done", *_NUMERIC_COORDS, *_STRING_COORDS)}
+        # Open every array once (`group[name]` re-reads its metadata on each access); every region is
+        # written whole, so skip Zarr's scan of each chunk for fill values.
+        self.arrays = {name: self.group[name].async_array.with_config({"write_empty_chunks": True})
+                       for name in ("resid", "batch_done", *_NUMERIC_COORDS, *_STRING_COORDS)}
 
     def done(self) -> set[int]:
-        return set(np.flatnonzero(self.arrays["batch_done"][:]).tolist())
+        return set(np.flatnonzero(sync(self.arrays["batch_done"].getitem(slice(None)))).tolist())
 
-    def write(self, batch: TokenBatch, resid: np.ndarray) -> None:
-        start = batch.index * self.plan.chunk_tokens
-        stop = start + resid.shape[0]
-        self.arrays["resid"][start:stop] = resid
-        for name, values in batch.coords().items():
-            self.arrays[name][start:stop] = values
-        self.arrays["concept"][start:stop] = np.full(stop - start, self.concept, dtype=object)
-        self.arrays["batch_done"][batch.index] = True  # last: the flag follows the data
+    async def _write_region(self, batch: TokenBatch, resid: np.ndarray, coords: dict) -> None:
+        region = slice(batch.index * self.plan.chunk_tokens, batch.index * self.plan.chunk_tokens + len(resid))
+        concept = np.full(len(resid), self.concept, dtype=object)
+        values = {"resid": resid, **coords, "concept": concept}
+        await asyncio.gather(*(self.arrays[name].setitem(region, v) for name, v in values.items()))
+
+    async def _flag(self, batch: TokenBatch) -> None:
+        await self.arrays["batch_done"].setitem(batch.index, True)
+
+
+def write_batch(parts: Sequence[tuple[GroupWriter, np.ndarray]], batch: TokenBatch) -> None:
+    """Write one batch's activations (one array per group) and its token coordinates into every group.
+
+    All arrays go down concurrently in one trip to Zarr's I/O loop (a synchronous `array[...] = v` costs
+    a round trip each, and a batch touches 9 arrays per hook); each group's `batch_done` flag is set
+    only after all the data, so an interrupted write leaves the batch to be redone.
+    """
+    coords = batch.coords()
+
+    async def write_all() -> None:
+        await asyncio.gather(*(writer._write_region(batch, resid, coords) for writer, resid in parts))
+        await asyncio.gather(*(writer._flag(batch) for writer, _ in parts))
+
+    sync(write_all())
 
 
 def prepare_group(url: str, path: str, plan: BatchPlan, d_model: int, attrs: dict,
@@ -194,11 +213,16 @@ def consolidate(url: str) -> None:
 
 
 def open_activations(url: str, hook: str, concept: str | None = None) -> xr.Dataset:
-    """Lazily open one complete group as an xarray Dataset; refuse an incomplete one."""
+    """Lazily open one complete group as an xarray Dataset; refuse an incomplete one.
+
+    The variables are lazily indexed Zarr arrays, not Dask arrays: the stages read them inside Dask
+    tasks, where computing a Dask array would make the task leave its worker's thread slot (so a
+    one-thread worker would run several tasks at once) and send a graph through the scheduler.
+    """
     path = group_path(hook, concept)
     if not group_complete(url, path):
         raise StoreError(f"{url}/{path} is missing or incomplete; run `saema extract` for it first")
-    return xr.open_zarr(url, group=path, consolidated=False)
+    return xr.open_zarr(url, group=path, consolidated=False, chunks=None)
 
 
 def corpus_chunks(url: str, hook: str, holdout_fraction: float) -> tuple[list[slice], list[slice]]:

@@ -55,8 +55,7 @@ def _writers(cfg: ExtractConfig, lm: LoadedModel, url: str, plan: BatchPlan, con
 
 
 def _write_all(writers: dict, batch: TokenBatch, activations: dict[str, np.ndarray]) -> None:
-    for hook, values in activations.items():
-        writers[hook].write(batch, values)
+    store.write_batch([(writers[hook], values) for hook, values in activations.items()], batch)
 
 
 def _stream(lm: LoadedModel, writers: dict, batches: Iterable[TokenBatch],
