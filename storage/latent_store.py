@@ -67,5 +67,5 @@ def latents_key(url: str, group: str) -> str | None:
 
 
 def read_latents(url: str, group: str) -> tuple[sp.csr_matrix, xr.Dataset]:
-    ds = xr.open_zarr(url, group=group, consolidated=False).load()
+    ds = xr.open_zarr(url, group=group, consolidated=False, chunks=None).load()  # no Dask inside tasks
     return to_csr(ds.latent_index.values, ds.latent_value.values, int(ds.attrs["d_sae"])), ds

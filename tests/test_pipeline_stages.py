@@ -86,6 +86,28 @@ def test_a_cell_alone_equals_the_grid_and_workers_do_not_matter(pipeline_run, tm
     np.testing.assert_array_equal(one_worker["rank"].values, two_workers["rank"].values)
 
 
+def test_a_one_worker_grid_runs_one_cell_at_a_time(pipeline_run):
+    """A one-thread worker runs its task runs one after another: no task leaves its thread slot (as a
+    task computing a Dask array inside a worker would) and lets the next one start beside it."""
+    from datetime import datetime, timezone
+
+    from prefect import get_client
+
+    from tests.processes import completed_task_runs
+
+    out, model = pipeline_run.extract.out, pipeline_run.extract.model.name
+    refs = [train_or_load_sae.fn(out, model, HOOK, kind, pipeline_run.sae) for kind in ("sae", "dense_ae")]
+    began = datetime.now(timezone.utc)
+    stratify_flow(out, model, (HOOK,), pipeline_run.extract.concepts, refs,
+                  replace(pipeline_run.stratify, n_workers=1), refresh=True)
+    with get_client(sync_client=True) as client:
+        runs = [run for run in completed_task_runs(client, "stratify %") if run.start_time >= began]
+    runs.sort(key=lambda run: run.start_time)
+    assert len(runs) == len(pipeline_run.extract.concepts) * len(pipeline_run.stratify.spaces)
+    for earlier, later in zip(runs, runs[1:]):
+        assert later.start_time >= earlier.end_time, f"{later.name} started before {earlier.name} ended"
+
+
 def _grid_calls(cfg: PipelineConfig, concepts: tuple[str, ...]) -> list[dict]:
     out, model = cfg.extract.out, cfg.extract.model.name
     refs = [train_or_load_sae.fn(out, model, HOOK, kind, cfg.sae) for kind in ("sae", "dense_ae")]
