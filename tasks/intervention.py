@@ -10,13 +10,13 @@ import numpy as np
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from threadpoolctl import threadpool_limits
 
 from saema_core.intervention import InterventionConfig, optimise_intervention, random_control
 from storage import activation_store as store
 from storage import latent_store
 from storage.results import read_group
 from storage.sae_checkpoints import load_sae
+from tasks.threads import pinned_threads
 
 TRAJECTORY_FIELDS = ("objective", "separability", "mse", "mse_zscored", "explained_variance", "displacement_norm")
 
@@ -72,8 +72,7 @@ def intervention_cell(out: str, model_name: str, hook: str, concept: str, sae_pa
     """Optimise Δ for one (direction, α) and evaluate a random control of equal displacement.
 
     `content` fingerprints what the cell reads (part of the cache key, see tasks/caching.py)."""
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
+    with pinned_threads(1):
         z, labels, x, sae = cell_inputs(out, model_name, hook, concept, sae_path, sae_id, seed, content)
         if n_clusters(labels) < 2:
             return {"skipped": f"{n_clusters(labels)} cluster(s) in latent space; the intervention needs ≥ 2"}

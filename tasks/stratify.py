@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from threadpoolctl import threadpool_limits
 
 from saema_core.noise import derive_seed, noise_scale
 from saema_core.ranks import ESTIMATORS, MODES
@@ -22,6 +21,7 @@ from saema_core.strata import support_strata
 from saema_core.stratification import analyse_cell
 from storage import activation_store as store
 from storage.sae_checkpoints import load_sae
+from tasks.threads import pinned_threads
 
 SPACES = ("resid", "latent", "dense_ae")
 
@@ -90,8 +90,7 @@ def stratify_cells(out: str, model_name: str, hook: str, concept: str, space: st
     sorted, so σ = 0 comes first when present). `content` fingerprints the activations and SAE read
     (part of the cache key, see tasks/caching.py).
     """
-    torch.set_num_threads(params.threads)
-    with threadpool_limits(params.threads):
+    with pinned_threads(params.threads):
         x, mask = prompt_tensor(out, model_name, hook, concept)
         result = _sweep(x, mask, encoder_for(space, sae_path), params, hook, concept, space)
     return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result.items()}

@@ -6,11 +6,11 @@ import numpy as np
 import scipy.sparse as sp
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from threadpoolctl import threadpool_limits
 
 from saema_core.structure import StructureConfig, analyse_structure, compare_spaces, umap_2d
 from storage import activation_store as store
 from storage import latent_store
+from tasks.threads import pinned_threads
 
 _DENSE_ABOVE = 0.3  # densify latents above this fill (the dense AE); keep sparse latents as CSR
 
@@ -55,7 +55,7 @@ def structure_cell(out: str, model_name: str, hook: str, concept: str, space: st
 
     `content` fingerprints the points read (part of the cache key, see tasks/caching.py)."""
     cell = f"{hook}/{concept}/{space}/seed={seed}"
-    with threadpool_limits(1):
+    with pinned_threads(1):
         points, _ = concept_points(out, model_name, hook, concept, space, sae_id)
         result = analyse_structure(points, cfg, cell=cell, seed=seed)
         xy = umap_2d(points, cfg, cell=cell, seed=seed) if with_scatter else None
