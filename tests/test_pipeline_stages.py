@@ -193,3 +193,14 @@ def test_a_schedule_naming_a_model_that_cannot_load_fails_and_leaves_the_store_i
         scheduled_pipeline(model="no-such-org/no-such-model", hooks=(HOOK,), concepts=("days",), out=out)
     for group, stored in before.items():
         xr.testing.assert_identical(read_group(out, group).load(), stored)
+
+
+def test_grid_cells_are_submitted_longest_first_and_results_keep_call_order():
+    from flows.grid import longest_first
+
+    calls = [{"space": space, "concept": c} for c in ("a", "b") for space in ("resid", "latent", "dense_ae")]
+    order = longest_first("stratify", calls)
+    assert sorted(order) == list(range(len(calls)))
+    assert [calls[i]["space"] for i in order] == ["dense_ae"] * 2 + ["latent"] * 2 + ["resid"] * 2
+    assert [calls[i]["concept"] for i in order[:2]] == ["a", "b"]  # stable among equals
+    assert longest_first("structure", calls) == list(range(len(calls)))
