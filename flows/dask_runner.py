@@ -1,15 +1,78 @@
-"""The Dask task runner of the parallel stages: an existing scheduler, or a local cluster."""
+"""The Dask task runner of the parallel stages: an existing scheduler, or a local cluster.
+
+Inside `cluster_per_run()` (as in `saema run`), the stages share one local cluster: it starts when
+the first stage has cells to compute and stays up until the run ends, so each worker process starts
+and imports torch and saema once per run instead of once per stage. Outside it, each stage starts
+its own local cluster and closes it when done.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import dask
+from distributed import LocalCluster
 from prefect_dask import DaskTaskRunner
 
 from storage.locations import is_process_local
 
+# Dask's nanny starts its workers with MALLOC_TRIM_THRESHOLD_=65536 (memory goes back to the OS
+# sooner). Any explicit value stops glibc from adapting its mmap threshold, so every large numpy
+# temporary is mapped and page-faulted afresh: the stratify cells ran 1.4× slower in the workers
+# than in a plain process (BENCHMARKS.md). Our workers keep glibc's default behaviour.
+_WORKER_ENV = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+
+
+def _local_cluster_kwargs(n_workers: int, processes: bool) -> dict:
+    # tcp on 127.0.0.1 for threads too: the in-process transport (inproc://) takes no host, and its
+    # HTTP servers would then listen on every interface.
+    return {"n_workers": n_workers, "threads_per_worker": 1, "processes": processes, "protocol": "tcp",
+            "dashboard_address": None, "host": "127.0.0.1"}
+
+
+class _RunCluster:
+    """One local cluster of worker processes for a whole run, started on first use."""
+
+    def __init__(self) -> None:
+        self.cluster: LocalCluster | None = None
+
+    def address(self, n_workers: int) -> str:
+        """The scheduler's address; the first call starts the cluster with `n_workers` workers."""
+        if self.cluster is None:
+            print(f"starting a local Dask cluster of {n_workers} worker processes for this run")
+            with dask.config.set(_WORKER_ENV):
+                self.cluster = LocalCluster(**_local_cluster_kwargs(n_workers, processes=True))
+        return self.cluster.scheduler_address
+
+    def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.close()
+            self.cluster = None
+
+
+_run_cluster: _RunCluster | None = None
+
+
+@contextlib.contextmanager
+def cluster_per_run() -> Iterator[None]:
+    """Within the context, the stages' local Dask work shares one cluster (closed on exit)."""
+    global _run_cluster
+    if _run_cluster is not None:  # nested (a pipeline inside a run that has one): share it
+        yield
+        return
+    _run_cluster = _RunCluster()
+    try:
+        yield
+    finally:
+        _run_cluster.close()
+        _run_cluster = None
+
 
 def dask_runner(address: str | None, n_workers: int, out: str | None = None) -> DaskTaskRunner:
     """`address` (tcp://host:8786) of a running scheduler, or a local cluster of single-threaded
-    workers bound to 127.0.0.1 (tasks pin their own BLAS threads to 1).
+    workers bound to 127.0.0.1 (tasks pin their own BLAS threads to 1): the run's shared cluster
+    inside `cluster_per_run()`, otherwise one for this stage.
 
     The local workers are processes, except when `out` is a `memory://` URL: that store exists only
     inside this process, so its workers are threads of this process (`processes=False`), and a
@@ -24,8 +87,10 @@ def dask_runner(address: str | None, n_workers: int, out: str | None = None) -> 
     if in_process:
         print(f"--out {out} lives in this process's memory: the Dask stage runs on {n_workers} worker "
               f"threads of this process instead of worker processes, which could not see it")
-    # tcp on 127.0.0.1 for threads too: the in-process transport (inproc://) takes no host, and its
-    # HTTP servers would then listen on every interface.
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
-        "n_workers": n_workers, "threads_per_worker": 1, "processes": not in_process, "protocol": "tcp",
-        "dashboard_address": None, "host": "127.0.0.1"})
+        return DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                              cluster_kwargs=_local_cluster_kwargs(n_workers, processes=False))
+    if _run_cluster is not None:
+        return DaskTaskRunner(address=_run_cluster.address(n_workers))
+    dask.config.set(_WORKER_ENV)  # the stage's cluster is created later, by the task runner
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                          cluster_kwargs=_local_cluster_kwargs(n_workers, processes=True))
