@@ -9,6 +9,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.config import PipelineConfig
+from flows.dask_runner import cluster_per_run
 from flows.extract import extract_flow
 from flows.intervention import intervention_flow
 from flows.sae import sae_flow
@@ -32,13 +33,14 @@ def saema_pipeline(cfg: PipelineConfig = PipelineConfig(), stages: tuple[str, ..
         return
     sae_refs = sae_flow(ex.out, ex.model.name, ex.hooks, concepts, cfg.sae, model=ex.model, refresh=ex.refresh)
     dask = (cfg.stratify.dask_address, cfg.stratify.n_workers)
-    if "stratify" in stages:
-        stratify_flow(ex.out, ex.model.name, ex.hooks, concepts, sae_refs, cfg.stratify, ex.refresh)
-    if "structure" in stages:
-        structure_flow(ex.out, ex.model.name, ex.hooks, concepts, sae_refs, cfg.structure, *dask, ex.refresh)
-    if "intervention" in stages:
-        intervention_flow(ex.out, ex.model.name, ex.hooks, concepts, sae_refs, cfg.intervention,
-                          cfg.structure.seeds[0], *dask, ex.refresh)
+    with cluster_per_run():  # one local Dask cluster for the parallel stages, started when first needed
+        if "stratify" in stages:
+            stratify_flow(ex.out, ex.model.name, ex.hooks, concepts, sae_refs, cfg.stratify, ex.refresh)
+        if "structure" in stages:
+            structure_flow(ex.out, ex.model.name, ex.hooks, concepts, sae_refs, cfg.structure, *dask, ex.refresh)
+        if "intervention" in stages:
+            intervention_flow(ex.out, ex.model.name, ex.hooks, concepts, sae_refs, cfg.intervention,
+                              cfg.structure.seeds[0], *dask, ex.refresh)
     if "report" in stages:
         current = report_is_current(ex.out)
         print(f"report: {ex.out.rstrip('/')}/report.html" + (" (unchanged)" if current else ""))
