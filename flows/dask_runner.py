@@ -13,7 +13,8 @@ from collections.abc import Iterator
 
 import dask
 from distributed import LocalCluster
-from prefect_dask import DaskTaskRunner
+from prefect_dask import DaskTaskRunner as _PrefectDaskTaskRunner
+from prefect_dask.task_runners import PrefectDaskFuture
 
 from storage.locations import is_process_local
 
@@ -22,6 +23,24 @@ from storage.locations import is_process_local
 # temporary is mapped and page-faulted afresh: the stratify cells ran 1.4× slower in the workers
 # than in a plain process (BENCHMARKS.md). Our workers keep glibc's default behaviour.
 _WORKER_ENV = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+
+
+class DaskTaskRunner(_PrefectDaskTaskRunner):
+    """prefect-dask's task runner, submitting each task run to Dask with `pure=False`.
+
+    With prefect-dask's default (`pure=True`) Dask names every submission by hashing its arguments,
+    which include the serialised Prefect context (all settings): about 60 ms of the flow process per
+    task run, spent before the workers get the task. Every Prefect task run is unique anyway (its
+    own run id), so a random Dask key changes nothing else.
+    """
+
+    def submit(self, task, parameters, wait_for=None, dependencies=None):
+        if not self._started:
+            raise RuntimeError("The task runner must be started before submitting work.")
+        future = self.client.submit(task, parameters=self._optimize_futures(parameters),
+                                    wait_for=self._optimize_futures(wait_for) if wait_for else None,
+                                    dependencies=dependencies, return_type="state", pure=False)
+        return PrefectDaskFuture(wrapped_future=future, task_run_id=future.task_run_id)
 
 
 def _local_cluster_kwargs(n_workers: int, processes: bool) -> dict:
