@@ -100,17 +100,19 @@ def _template(plan: BatchPlan, d_model: int, attrs: dict) -> xr.Dataset:
     return xr.Dataset(data, coords=coords, attrs=attrs)
 
 
-def _write_template(url: str, path: str, plan: BatchPlan, d_model: int, attrs: dict) -> None:
+def _write_template(url: str, path: str, plan: BatchPlan, d_model: int, attrs: dict, concept: str) -> None:
     # Activations barely compress (float32 noise in the low bits); skipping the codec keeps writes
     # off the extraction's critical path.
     _template(plan, d_model, attrs).to_zarr(url, group=path, mode="w", compute=False, consolidated=False,
                                             encoding={"resid": {"compressors": None}})
     # Variable-length strings go straight through zarr: xarray would load a lazy object array
     # into memory to find its dtype, which is O(corpus) memory.
+    # `concept` is the same for every token of a group: it is the array's fill value, so its chunks
+    # are never written and every reader sees the concept name.
     group = zarr.open_group(url, path=path, mode="r+", use_consolidated=False)
-    for name in _STRING_COORDS:
+    for name, fill in (("token_str", ""), ("concept", concept)):
         group.create_array(name, shape=(plan.n_tokens,), chunks=(plan.chunk_tokens,), dtype=str,
-                           fill_value="", dimension_names=("token",))
+                           fill_value=fill, dimension_names=("token",))
     coordinates = " ".join([*_NUMERIC_COORDS, *_STRING_COORDS])
     group["resid"].attrs["coordinates"] = coordinates
 
@@ -122,22 +124,20 @@ class GroupWriter:
     url: str
     path: str
     plan: BatchPlan
-    concept: str
 
     def __post_init__(self) -> None:
         self.group = zarr.open_group(self.url, path=self.path, mode="r+", use_consolidated=False)
         # Open every array once (`group[name]` re-reads its metadata on each access); every region is
         # written whole, so skip Zarr's scan of each chunk for fill values.
         self.arrays = {name: self.group[name].async_array.with_config({"write_empty_chunks": True})
-                       for name in ("resid", "batch_done", *_NUMERIC_COORDS, *_STRING_COORDS)}
+                       for name in ("resid", "batch_done", *_NUMERIC_COORDS, "token_str")}
 
     def done(self) -> set[int]:
         return set(np.flatnonzero(sync(self.arrays["batch_done"].getitem(slice(None)))).tolist())
 
     async def _write_region(self, batch: TokenBatch, resid: np.ndarray, coords: dict) -> None:
         region = slice(batch.index * self.plan.chunk_tokens, batch.index * self.plan.chunk_tokens + len(resid))
-        concept = np.full(len(resid), self.concept, dtype=object)
-        values = {"resid": resid, **coords, "concept": concept}
+        values = {"resid": resid, **coords}
         await asyncio.gather(*(self.arrays[name].setitem(region, v) for name, v in values.items()))
 
     async def _flag(self, batch: TokenBatch) -> None:
@@ -148,7 +148,7 @@ def write_batch(parts: Sequence[tuple[GroupWriter, np.ndarray]], batch: TokenBat
     """Write one batch's activations (one array per group) and its token coordinates into every group.
 
     All arrays go down concurrently in one trip to Zarr's I/O loop (a synchronous `array[...] = v` costs
-    a round trip each, and a batch touches 9 arrays per hook); each group's `batch_done` flag is set
+    a round trip each, and a batch touches 7 arrays per hook); each group's `batch_done` flag is set
     only after all the data, so an interrupted write leaves the batch to be redone.
     """
     coords = batch.coords()
@@ -177,8 +177,8 @@ def prepare_group(url: str, path: str, plan: BatchPlan, d_model: int, attrs: dic
     else:
         full_attrs = {**attrs, "content_hash": plan.content_hash, "seq_len": plan.seq_len,
                       "batch_rows": plan.batch_rows}
-        _write_template(url, path, plan, d_model, full_attrs)
-    return GroupWriter(url, path, plan, concept)
+        _write_template(url, path, plan, d_model, full_attrs, concept)
+    return GroupWriter(url, path, plan)
 
 
 def _delete_group(url: str, root: zarr.Group, path: str) -> None:
