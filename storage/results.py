@@ -120,11 +120,15 @@ def _merge(new: xr.Dataset, old: xr.Dataset | None) -> xr.Dataset:
     return merged
 
 
-def read_group(out: str, group: str) -> xr.Dataset | None:
-    """A group as a lazy Dataset, or None when it does not exist yet."""
+def read_group(out: str, group: str, dask: bool = True) -> xr.Dataset | None:
+    """A group as a lazy Dataset, or None when it does not exist yet.
+
+    `dask=False` inside Dask tasks: lazily indexed Zarr arrays instead of Dask arrays, which a task
+    would compute by leaving its worker's thread slot (see `storage.activation_store.open_activations`).
+    """
     url = results_url(out)
     try:
-        return xr.open_zarr(url, group=group, consolidated=False)
+        return xr.open_zarr(url, group=group, consolidated=False, **({} if dask else {"chunks": None}))
     except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
         return None
 

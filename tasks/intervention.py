@@ -23,7 +23,7 @@ TRAJECTORY_FIELDS = ("objective", "separability", "mse", "mse_zscored", "explain
 
 def structure_labels(out: str, model_name: str, hook: str, concept: str, seed: int) -> np.ndarray:
     """The structure stage's cluster label of each analysed token in latent space (NaN padding kept)."""
-    structure = read_group(out, "structure")
+    structure = read_group(out, "structure", dask=False)
     if structure is None:
         raise ValueError("the intervention needs the cluster labels of the structure stage; run it first")
     return structure.cluster_label.sel(model=model_name, hook=hook, concept=concept, space="latent",
