@@ -4,8 +4,10 @@
                                  [--hooks blocks.3.hook_resid_post]
 
 Throughput: the same corpus batches, in the same process, through (a) a bare full forward of the
-model, (b) saema's extraction loop (hooked forward that stops after the deepest hook + Zarr writes of
-activations and token coordinates). Repeats are interleaved and medians reported, since the machine
+model, (b) the same forward followed by writing as many hidden states per batch as there are hooks as
+plain files (the floor with I/O: what putting those bytes on this disk costs at all), (c) saema's
+extraction loop (hooked forward that stops after the deepest hook + Zarr writes of activations and
+token coordinates). Both sides run under saema's allocator setting (tasks/allocator.py). Repeats are interleaved and medians reported, since the machine
 is shared. Memory: peak RSS of a child process running the extraction loop on N and 10·N corpus
 tokens (flat = memory bounded by one batch, not by the corpus).
 
@@ -34,6 +36,7 @@ from flows.config import ExtractConfig  # noqa: E402
 from storage import activation_store as store  # noqa: E402
 from storage.batches import corpus_batches, corpus_plan  # noqa: E402
 from storage.models import ModelSpec, load_model  # noqa: E402
+from tasks.allocator import keep_freed_memory  # noqa: E402
 from tasks.extract import _identity, _stream, _todo, _writers  # noqa: E402
 
 HOOKS = ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post", "blocks.5.hook_resid_post")
@@ -46,6 +49,22 @@ def bare_forward(lm, batches) -> float:
             lm.model(input_ids=torch.from_numpy(batch.input_ids),
                      attention_mask=torch.from_numpy(batch.attention_mask))
     return time.perf_counter() - start
+
+
+def bare_forward_and_raw_writes(lm, batches, n_hooks: int) -> float:
+    """The floor with I/O: the bare forward, then the same activation bytes (n_hooks hidden states per
+    batch) written as plain files to the same disk: what writing them costs at all."""
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for batch in batches:
+                states = lm.model(input_ids=torch.from_numpy(batch.input_ids),
+                                  attention_mask=torch.from_numpy(batch.attention_mask),
+                                  output_hidden_states=True).hidden_states
+                for i, state in enumerate(states[-n_hooks:]):
+                    with open(f"{out}/{batch.index}-{i}", "wb") as f:
+                        f.write(state.numpy().tobytes())
+        return time.perf_counter() - start
 
 
 def saema_extraction(cfg: ExtractConfig, lm, batches) -> float:
@@ -89,23 +108,27 @@ def main() -> None:
     hooks = tuple(args.hooks)
     if args.child:
         return run_child(args.child, hooks)
+    keep_freed_memory()  # what `saema extract` does; the bare forward runs under the same allocator
     cfg = ExtractConfig(model=ModelSpec(), hooks=hooks, corpus_max_tokens=args.tokens)
     lm = load_model(cfg.model)
     plan = corpus_plan(lm.tokenizer, cfg.corpus, cfg.corpus_seq_len, cfg.corpus_batch_size, args.tokens)
     batches = list(corpus_batches(lm.tokenizer, cfg.corpus, plan))
     bare_forward(lm, batches[:2])  # warm-up
-    bare, ours = [], []
+    bare, floor, ours = [], [], []
     for _ in range(args.repeats):
         bare.append(bare_forward(lm, batches))
+        floor.append(bare_forward_and_raw_writes(lm, batches, len(hooks)))
         ours.append(saema_extraction(cfg, lm, batches))
     tok = plan.n_tokens
-    b, o = statistics.median(bare), statistics.median(ours)
+    b, f, o = statistics.median(bare), statistics.median(floor), statistics.median(ours)
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"model all-MiniLM-L6-v2, hooks {', '.join(hooks)}, {tok} tokens, seq_len {plan.seq_len}, "
           f"batch {plan.batch_rows} sequences, median of {args.repeats}")
     print(f"bare full forward      : {tok / b:10.0f} tokens/s")
+    print(f"bare + raw file writes : {tok / f:10.0f} tokens/s  (the same bytes as plain files)")
     print(f"saema extract (+ Zarr) : {tok / o:10.0f} tokens/s")
     print(f"ratio saema / bare     : {b / o:10.2f}  (target >= 0.9)")
+    print(f"ratio saema / (bare + raw writes): {f / o:4.2f}  (saema's own cost beyond writing the bytes)")
     for n in args.memory_tokens:
         print(f"peak RSS, {n:>8} corpus tokens: {child_peak_rss(n, hooks):8.0f} MiB")
 

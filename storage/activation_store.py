@@ -6,9 +6,11 @@
 
 Groups are written template-first: the full shapes, dtypes and coordinates go down as metadata,
 then every batch fills its own chunk-aligned region and ticks its entry of `batch_done` (one chunk
-per flag, so a flag is written atomically and only after its data). A group is complete when every
-flag is set; an interrupted extraction re-runs only the batches whose flag is missing. Plain
-`xarray.open_zarr(store, group=...)` and `zarr.open_group` read every group.
+per flag, so a flag is written atomically and only after its data). A group is complete when
+every flag is set; an interrupted extraction re-runs only the batches whose flag is missing. In a
+local folder the chunks are written as files directly (storage.chunk_files, byte-identical to
+Zarr's own writes). Plain `xarray.open_zarr(store, group=...)` and `zarr.open_group` read every
+group.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import asyncio
 import re
 import shutil
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,7 @@ import zarr
 from zarr.core.sync import sync
 
 from storage.batches import BatchPlan, TokenBatch
+from storage.chunk_files import ChunkFile
 from storage.locations import canonical, is_local, local_path
 
 _IDENTITY_KEYS = ("model", "model_revision", "d_model", "n_layers")
@@ -100,11 +104,15 @@ def _template(plan: BatchPlan, d_model: int, attrs: dict) -> xr.Dataset:
     return xr.Dataset(data, coords=coords, attrs=attrs)
 
 
+# Stored uncompressed (like `token_str`), so batches go down as chunk files (storage.chunk_files):
+# activations barely compress (float32 noise in the low bits) and the coordinates are 1-2 % of a
+# group's bytes.
+_PLAIN = ("resid", "batch_done", *_NUMERIC_COORDS)
+
+
 def _write_template(url: str, path: str, plan: BatchPlan, d_model: int, attrs: dict, concept: str) -> None:
-    # Activations barely compress (float32 noise in the low bits); skipping the codec keeps writes
-    # off the extraction's critical path.
     _template(plan, d_model, attrs).to_zarr(url, group=path, mode="w", compute=False, consolidated=False,
-                                            encoding={"resid": {"compressors": None}})
+                                            encoding={name: {"compressors": None} for name in _PLAIN})
     # Variable-length strings go straight through zarr: xarray would load a lazy object array
     # into memory to find its dtype, which is O(corpus) memory.
     # `concept` is the same for every token of a group: it is the array's fill value, so its chunks
@@ -112,14 +120,14 @@ def _write_template(url: str, path: str, plan: BatchPlan, d_model: int, attrs: d
     group = zarr.open_group(url, path=path, mode="r+", use_consolidated=False)
     for name, fill in (("token_str", ""), ("concept", concept)):
         group.create_array(name, shape=(plan.n_tokens,), chunks=(plan.chunk_tokens,), dtype=str,
-                           fill_value=fill, dimension_names=("token",))
+                           fill_value=fill, dimension_names=("token",), compressors=None)
     coordinates = " ".join([*_NUMERIC_COORDS, *_STRING_COORDS])
     group["resid"].attrs["coordinates"] = coordinates
 
 
 @dataclass
 class GroupWriter:
-    """Writes batches of one group into their chunk-aligned regions."""
+    """Writes batches of one group into their chunk-aligned regions (one chunk per batch)."""
 
     url: str
     path: str
@@ -131,33 +139,83 @@ class GroupWriter:
         # written whole, so skip Zarr's scan of each chunk for fill values.
         self.arrays = {name: self.group[name].async_array.with_config({"write_empty_chunks": True})
                        for name in ("resid", "batch_done", *_NUMERIC_COORDS, "token_str")}
+        # Uncompressed arrays of a local store are written as chunk files (storage.chunk_files).
+        self.files = {name: f for name, a in self.arrays.items() if (f := ChunkFile.for_array(a)) is not None}
 
     def done(self) -> set[int]:
         return set(np.flatnonzero(sync(self.arrays["batch_done"].getitem(slice(None)))).tolist())
 
-    async def _write_region(self, batch: TokenBatch, resid: np.ndarray, coords: dict) -> None:
-        region = slice(batch.index * self.plan.chunk_tokens, batch.index * self.plan.chunk_tokens + len(resid))
-        values = {"resid": resid, **coords}
-        await asyncio.gather(*(self.arrays[name].setitem(region, v) for name, v in values.items()))
+    def write_files(self, index: int, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Write the values that have a chunk file now; return the rest (for Zarr)."""
+        for name in self.files.keys() & values.keys():
+            self.files[name].write(index, values[name])
+        return {name: v for name, v in values.items() if name not in self.files}
 
-    async def _flag(self, batch: TokenBatch) -> None:
-        await self.arrays["batch_done"].setitem(batch.index, True)
+    async def write_zarr(self, index: int, values: dict[str, np.ndarray]) -> None:
+        rows = self.plan.chunk_tokens
+        regions = {name: slice(index * rows, index * rows + len(v)) for name, v in values.items()}
+        regions["batch_done"] = slice(index, index + 1)
+        await asyncio.gather(*(self.arrays[name].setitem(regions[name], v) for name, v in values.items()))
 
 
 def write_batch(parts: Sequence[tuple[GroupWriter, np.ndarray]], batch: TokenBatch) -> None:
-    """Write one batch's activations (one array per group) and its token coordinates into every group.
+    """Write one batch's activations (one array per group) and its token coordinates into every group,
+    then each group's `batch_done` flag (only after all the data, so an interrupted write leaves the
+    batch to be redone).
 
-    All arrays go down concurrently in one trip to Zarr's I/O loop (a synchronous `array[...] = v` costs
-    a round trip each, and a batch touches 7 arrays per hook); each group's `batch_done` flag is set
-    only after all the data, so an interrupted write leaves the batch to be redone.
+    Uncompressed arrays of a local store go down as chunk files (storage.chunk_files); the rest in one
+    trip to Zarr's I/O loop (a synchronous `array[...] = v` costs a round trip each).
     """
     coords = batch.coords()
+    _write_parts([(writer, {"resid": resid, **coords}) for writer, resid in parts], batch.index)
+    _write_parts([(writer, {"batch_done": np.ones(1, dtype=bool)}) for writer, _ in parts], batch.index)
 
-    async def write_all() -> None:
-        await asyncio.gather(*(writer._write_region(batch, resid, coords) for writer, resid in parts))
-        await asyncio.gather(*(writer._flag(batch) for writer, _ in parts))
 
-    sync(write_all())
+def _write_parts(parts: list[tuple[GroupWriter, dict[str, np.ndarray]]], index: int) -> None:
+    rest = [(writer, writer.write_files(index, values)) for writer, values in parts]
+    if any(values for _, values in rest):
+        async def write_rest() -> None:
+            await asyncio.gather(*(writer.write_zarr(index, values) for writer, values in rest if values))
+        sync(write_rest())
+
+
+class BatchWriter:
+    """Writes batches on a background thread, one batch in flight, so batch i's write overlaps the
+    forward of batch i + 1.
+
+    Most of a write is the kernel copying the batch's bytes into the page cache, which holds neither
+    the GIL nor torch's threads; it pays where the forward leaves CPU free (a GPU forward, more cores
+    than torch threads) and is a wash where torch's threads fill every core. Memory stays bounded:
+    `submit` first waits for the batch in flight. A failed write raises at the next `submit` or when
+    the context is left; leaving it waits for the batch in flight, so its data and flags land before
+    an error from the loop propagates.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saema-zarr-write")
+        self._pending: Future | None = None
+
+    def submit(self, parts: Sequence[tuple[GroupWriter, np.ndarray]], batch: TokenBatch) -> None:
+        self.wait()
+        self._pending = self._pool.submit(write_batch, parts, batch)
+
+    def wait(self) -> None:
+        """Block until the batch in flight is written; re-raise its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> "BatchWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.wait()
+        except Exception:
+            if exc_type is None:
+                raise
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def prepare_group(url: str, path: str, plan: BatchPlan, d_model: int, attrs: dict,

@@ -17,6 +17,7 @@ from storage.batches import BatchPlan, TokenBatch, concept_batches, corpus_batch
 from storage.models import LoadedModel, load_model
 from storage.prompts import Concept
 from storage.provenance import provenance
+from tasks.allocator import keep_freed_memory
 from tasks.progress import StageProgress
 
 
@@ -54,24 +55,19 @@ def _writers(cfg: ExtractConfig, lm: LoadedModel, url: str, plan: BatchPlan, con
     return writers
 
 
-def _write_all(writers: dict, batch: TokenBatch, activations: dict[str, np.ndarray]) -> None:
-    store.write_batch([(writers[hook], values) for hook, values in activations.items()], batch)
-
-
 def _stream(lm: LoadedModel, writers: dict, batches: Iterable[TokenBatch],
             todo: dict[str, set[int]], label: str) -> None:
-    """Forward each pending batch once, capturing only the hooks that still lack it, and write it.
-
-    Writes are synchronous on purpose: on a 2-core machine a background writer steals cycles from
-    torch's intra-op threads and slows the forward more than the writes cost (BENCHMARKS.md).
-    """
+    """Forward each pending batch once, capturing only the hooks that still lack it, and write it;
+    the write of one batch runs while the next is forwarded (store.BatchWriter)."""
+    keep_freed_memory()
     pending = set().union(*todo.values())
-    with StageProgress(label, total=len(pending)) as progress:
+    with StageProgress(label, total=len(pending)) as progress, store.BatchWriter() as writer:
         for batch in batches:
             hooks = tuple(h for h in writers if batch.index in todo[h])
             if not hooks:
                 continue
-            _write_all(writers, batch, _forward(lm, batch, hooks))
+            activations = _forward(lm, batch, hooks)
+            writer.submit([(writers[hook], values) for hook, values in activations.items()], batch)
             progress.advance(1)
 
 
