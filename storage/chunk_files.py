@@ -43,7 +43,8 @@ class ChunkFile:
         if (not isinstance(array.store_path.store, LocalStore) or meta.zarr_format != 3
                 or len(meta.codecs) != 1 or any(c != s for c, s in zip(array.chunks[1:], array.shape[1:]))):
             return None
-        if isinstance(meta.codecs[0], BytesCodec) and array.dtype.kind in "biuf":
+        codec = meta.codecs[0]
+        if isinstance(codec, BytesCodec) and array.dtype.kind in "biuf" and _little_endian(codec):
             return cls(array, strings=False)
         if isinstance(meta.codecs[0], VLenUTF8Codec):
             return cls(array, strings=True)
@@ -69,6 +70,11 @@ class ChunkFile:
 
 
 _VLEN_UTF8 = VLenUTF8()
+
+
+def _little_endian(codec: BytesCodec) -> bool:
+    """True when the codec stores little-endian bytes (or single bytes, which have no order)."""
+    return codec.endian is None or getattr(codec.endian, "value", codec.endian) == "little"
 
 
 def write_file(path: Path, data: bytes | memoryview, made: set[Path] | None = None) -> None:

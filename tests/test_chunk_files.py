@@ -13,6 +13,7 @@ import pytest
 import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from zarr.codecs import BytesCodec
 
 from storage import activation_store as store
 from storage.chunk_files import ChunkFile, write_file
@@ -60,6 +61,9 @@ def test_only_plain_local_arrays_get_chunk_files(tmp_path):
     assert ChunkFile.for_array(_array(tmp_path, "plain", (8,), (4,), "int64")) is not None
     assert ChunkFile.for_array(_array(tmp_path, "zstd", (8,), (4,), "int64", compressors="auto")) is None
     assert ChunkFile.for_array(_array(tmp_path, "split", (8, 6), (4, 3), "float32")) is None
+    big_endian = zarr.open_group(tmp_path, mode="a").create_array(
+        "big", shape=(8,), chunks=(4,), dtype="int64", serializer=BytesCodec(endian="big"), compressors=None)
+    assert ChunkFile.for_array(big_endian.async_array) is None
     assert ChunkFile.for_array(_array(tmp_path, "strings", (8,), (4,), "str")) is not None
     assert ChunkFile.for_array(_array(tmp_path, "zstd-strings", (8,), (4,), "str", compressors="auto")) is None
     memory = zarr.open_group(zarr.storage.MemoryStore(), mode="w").create_array(
