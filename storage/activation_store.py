@@ -19,7 +19,6 @@ import asyncio
 import re
 import shutil
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,45 +176,6 @@ def _write_parts(parts: list[tuple[GroupWriter, dict[str, np.ndarray]]], index: 
         async def write_rest() -> None:
             await asyncio.gather(*(writer.write_zarr(index, values) for writer, values in rest if values))
         sync(write_rest())
-
-
-class BatchWriter:
-    """Writes batches on a background thread, one batch in flight, so batch i's write overlaps the
-    forward of batch i + 1.
-
-    Most of a write is the kernel copying the batch's bytes into the page cache, which holds neither
-    the GIL nor torch's threads; it pays where the forward leaves CPU free (a GPU forward, more cores
-    than torch threads) and is a wash where torch's threads fill every core. Memory stays bounded:
-    `submit` first waits for the batch in flight. A failed write raises at the next `submit` or when
-    the context is left; leaving it waits for the batch in flight, so its data and flags land before
-    an error from the loop propagates.
-    """
-
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saema-zarr-write")
-        self._pending: Future | None = None
-
-    def submit(self, parts: Sequence[tuple[GroupWriter, np.ndarray]], batch: TokenBatch) -> None:
-        self.wait()
-        self._pending = self._pool.submit(write_batch, parts, batch)
-
-    def wait(self) -> None:
-        """Block until the batch in flight is written; re-raise its error."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-
-    def __enter__(self) -> "BatchWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            self.wait()
-        except Exception:
-            if exc_type is None:
-                raise
-        finally:
-            self._pool.shutdown(wait=True)
 
 
 def prepare_group(url: str, path: str, plan: BatchPlan, d_model: int, attrs: dict,

@@ -57,17 +57,20 @@ def _writers(cfg: ExtractConfig, lm: LoadedModel, url: str, plan: BatchPlan, con
 
 def _stream(lm: LoadedModel, writers: dict, batches: Iterable[TokenBatch],
             todo: dict[str, set[int]], label: str) -> None:
-    """Forward each pending batch once, capturing only the hooks that still lack it, and write it;
-    the write of one batch runs while the next is forwarded (store.BatchWriter)."""
+    """Forward each pending batch once, capturing only the hooks that still lack it, and write it.
+
+    Writes are synchronous: a writer thread overlapping batch i's write with batch i + 1's forward
+    measured the same on 2 cores, with torch on 2 threads or on 1 (BENCHMARKS.md).
+    """
     keep_freed_memory()
     pending = set().union(*todo.values())
-    with StageProgress(label, total=len(pending)) as progress, store.BatchWriter() as writer:
+    with StageProgress(label, total=len(pending)) as progress:
         for batch in batches:
             hooks = tuple(h for h in writers if batch.index in todo[h])
             if not hooks:
                 continue
             activations = _forward(lm, batch, hooks)
-            writer.submit([(writers[hook], values) for hook, values in activations.items()], batch)
+            store.write_batch([(writers[hook], values) for hook, values in activations.items()], batch)
             progress.advance(1)
 
 

@@ -1,4 +1,4 @@
-"""Chunk files written by storage.chunk_files are byte-for-byte what Zarr writes; the batch writer."""
+"""Chunk files written by storage.chunk_files are byte-for-byte what Zarr writes; the kept heap."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from zarr.codecs import BytesCodec
 
-from storage import activation_store as store
 from storage.chunk_files import ChunkFile, write_file
 
 
@@ -83,28 +82,6 @@ def test_a_failed_write_keeps_the_old_chunk_and_leaves_no_temporary_file(tmp_pat
         write_file(target, b"new")
     assert target.read_bytes() == b"old"
     assert [p.name for p in target.parent.iterdir()] == ["0"]
-
-
-def test_batch_writer_raises_a_failed_write_and_lands_the_batch_in_flight(monkeypatch):
-    written = []
-
-    def write(parts, batch):
-        if batch == "bad":
-            raise OSError("write failed")
-        written.append(batch)
-
-    monkeypatch.setattr(store, "write_batch", write)
-    with pytest.raises(OSError, match="write failed"):
-        with store.BatchWriter() as writer:
-            writer.submit([], "bad")
-            writer.submit([], "never")  # the failure surfaces here, before this batch goes
-    assert written == []
-    # An error in the loop itself still waits for the batch in flight, and is what propagates.
-    with pytest.raises(KeyError):
-        with store.BatchWriter() as writer:
-            writer.submit([], "last")
-            raise KeyError("forward failed")
-    assert written == ["last"]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
