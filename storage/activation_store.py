@@ -151,10 +151,13 @@ class GroupWriter:
         return {name: v for name, v in values.items() if name not in self.files}
 
     async def write_zarr(self, index: int, values: dict[str, np.ndarray]) -> None:
-        rows = self.plan.chunk_tokens
-        regions = {name: slice(index * rows, index * rows + len(v)) for name, v in values.items()}
-        regions["batch_done"] = slice(index, index + 1)
-        await asyncio.gather(*(self.arrays[name].setitem(regions[name], v) for name, v in values.items()))
+        """Write the values of batch `index` through Zarr (its chunk `index` of every array)."""
+        await asyncio.gather(*(self.arrays[name].setitem(self._region(name, index, len(v)), v)
+                               for name, v in values.items()))
+
+    def _region(self, name: str, index: int, n: int) -> slice:
+        start = index * (1 if name == "batch_done" else self.plan.chunk_tokens)
+        return slice(start, start + n)
 
 
 def write_batch(parts: Sequence[tuple[GroupWriter, np.ndarray]], batch: TokenBatch) -> None:
