@@ -16,6 +16,7 @@ from storage import activation_store as store
 from storage import latent_store
 from storage.results import read_group
 from storage.sae_checkpoints import load_sae
+from tasks.allocator import keep_freed_memory
 from tasks.threads import pinned_threads
 
 TRAJECTORY_FIELDS = ("objective", "separability", "mse", "mse_zscored", "explained_variance", "displacement_norm")
@@ -72,6 +73,7 @@ def intervention_cell(out: str, model_name: str, hook: str, concept: str, sae_pa
     """Optimise Δ for one (direction, α) and evaluate a random control of equal displacement.
 
     `content` fingerprints what the cell reads (part of the cache key, see tasks/caching.py)."""
+    keep_freed_memory()
     with pinned_threads(1):
         z, labels, x, sae = cell_inputs(out, model_name, hook, concept, sae_path, sae_id, seed, content)
         if n_clusters(labels) < 2:

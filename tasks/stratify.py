@@ -21,6 +21,7 @@ from saema_core.strata import support_strata
 from saema_core.stratification import analyse_cell
 from storage import activation_store as store
 from storage.sae_checkpoints import load_sae
+from tasks.allocator import keep_freed_memory
 from tasks.threads import pinned_threads
 
 SPACES = ("resid", "latent", "dense_ae")
@@ -90,6 +91,7 @@ def stratify_cells(out: str, model_name: str, hook: str, concept: str, space: st
     sorted, so σ = 0 comes first when present). `content` fingerprints the activations and SAE read
     (part of the cache key, see tasks/caching.py).
     """
+    keep_freed_memory()
     with pinned_threads(params.threads):
         x, mask = prompt_tensor(out, model_name, hook, concept)
         result = _sweep(x, mask, encoder_for(space, sae_path), params, hook, concept, space)

@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from saema_core.structure import StructureConfig, analyse_structure, compare_spaces, umap_2d
 from storage import activation_store as store
 from storage import latent_store
+from tasks.allocator import keep_freed_memory
 from tasks.threads import pinned_threads
 
 _DENSE_ABOVE = 0.3  # densify latents above this fill (the dense AE); keep sparse latents as CSR
@@ -55,6 +56,7 @@ def structure_cell(out: str, model_name: str, hook: str, concept: str, space: st
 
     `content` fingerprints the points read (part of the cache key, see tasks/caching.py)."""
     cell = f"{hook}/{concept}/{space}/seed={seed}"
+    keep_freed_memory()
     with pinned_threads(1):
         points, _ = concept_points(out, model_name, hook, concept, space, sae_id)
         result = analyse_structure(points, cfg, cell=cell, seed=seed)
