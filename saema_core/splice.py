@@ -113,7 +113,8 @@ def choose_masked_positions(maskable: Tensor, fraction: float, generator: torch.
     keys = keys.masked_fill(~maskable, math.inf)
     rank = keys.argsort(dim=1).argsort(dim=1)
     n_maskable = maskable.sum(dim=1, keepdim=True)
-    count = torch.clamp((n_maskable * fraction).round(), min=1).minimum(n_maskable)
+    # In float64, as Python's round(n · f): float32 turns 10 × 0.9499999999999998 into 9.5, rounded to 10.
+    count = torch.clamp((n_maskable.double() * fraction).round(), min=1).minimum(n_maskable)
     return (rank < count) & maskable
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from flows.config import ExtractConfig
@@ -175,6 +175,7 @@ def test_causal_targets_skip_padding():
 
 @settings(max_examples=25, deadline=None)
 @given(st.integers(1, 5), st.integers(1, 12), st.floats(0.05, 0.95), st.integers(0, 2**31 - 1))
+@example(1, 11, 0.9499999999999998, 153045)  # 10 maskable: 9.4999… must round to 9 (float32 gave 10)
 def test_masked_positions_are_a_seeded_share_of_the_maskable(rows, seq, fraction, seed):
     maskable = torch.rand(rows, seq, generator=torch.Generator().manual_seed(seed)) < 0.6
     chosen = choose_masked_positions(maskable, fraction, torch.Generator().manual_seed(seed))
