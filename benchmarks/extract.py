@@ -8,8 +8,9 @@ model, (b) the same forward followed by writing as many hidden states per batch 
 plain files (the floor with I/O: what putting those bytes on this disk costs at all), (c) saema's
 extraction loop (hooked forward that stops after the deepest hook + Zarr writes of activations and
 token coordinates). All three run under saema's allocator setting (tasks/allocator.py). Repeats are
-interleaved and medians reported, since the machine is shared. Memory: peak RSS of a child process running the extraction loop on N and 10·N corpus
-tokens (flat = memory bounded by one batch, not by the corpus).
+interleaved and medians reported, since the machine is shared. Memory: peak RSS of a child process
+running the extraction loop on N and 10·N corpus tokens (flat = memory bounded by one batch, not by
+the corpus).
 
 The default hooks (blocks 1, 3 and 5 of the 6-block MiniLM) are the worst case: the deepest is the
 last block, so the hooked forward is not shortened and every batch writes three hooks. `--hooks
