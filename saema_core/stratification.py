@@ -29,6 +29,7 @@ from saema_core.noise import (
 )
 from saema_core.ranks import (
     ESTIMATORS,
+    AffineMap,
     MODES,
     LatentCode,
     Mode,
@@ -63,6 +64,7 @@ __all__ = [
     "SpectrumResult",
     "StrataResult",
     "Supports",
+    "VERDICTS",
     "Verdict",
     "add_noise",
     "analyse_cell",
@@ -85,21 +87,23 @@ __all__ = [
     "validate_replicates",
 ]
 
-# Rank tables that are not integer-valued (effective rank, participation ratio) still need a floor on the
-# resolution, or round-off differences between σ levels would count as strata when the spread is 0.
-_RELATIVE_FLOAT_RESOLUTION = 1e-9
-_INTEGER_RESOLUTION = 0.5
-
 Encoder = Callable[[np.ndarray], np.ndarray]
+
+VERDICTS = ("stratified", "not stratified", "saturated")
 
 
 class Verdict(NamedTuple):
-    """Stratification verdict for one (hook, concept, mode, estimator) — see `stratification_verdict`."""
+    """Stratification verdict for one (hook, concept, space, mode) — see `stratification_verdict`."""
 
-    stratified: bool
-    n_strata: int
-    transition_noise: float  # NaN when the rank never leaves its σ = 0 level
-    spread: float  # max over σ of (max − min over replicates)
+    verdict: str  # "stratified" | "not stratified" | "saturated"
+    n_strata: int  # rank levels among the unsaturated σ (0 when saturated)
+    transition_noise: float  # NaN when the rank never leaves its first unsaturated level
+    spread: float  # max over unsaturated σ of (max − min over replicates); NaN when saturated
+    tau: float  # resolution max(spread, 1) + 0.5; NaN when saturated
+    rank_range: float  # max − min of the replicate-mean ranks over unsaturated σ; NaN when saturated
+    n_unsaturated: int  # σ levels none of whose replicates is saturated
+    partially_saturated: bool  # some σ levels saturated, but at least two not
+    reason: str  # the verdict in words, with the numbers it rests on
 
 
 class CellResult(NamedTuple):
@@ -112,17 +116,6 @@ class CellResult(NamedTuple):
     spectra: dict[str, SpectrumResult]  # mode → spectrum
     ranks: dict[str, dict[str, float]]  # mode → estimator → rank
     supports: Supports  # active latents of each analysed token, in x[mask] order
-
-
-def _resolution(ranks: np.ndarray, spread: float) -> float:
-    """The smallest difference of replicate-mean ranks that counts: the spread, with a floor.
-
-    Integer-valued tables get a floor of 0.5 so that, with zero spread, a difference of 1 counts and
-    nothing smaller exists; float tables get a relative round-off floor.
-    """
-    if np.all(ranks == np.round(ranks)):
-        return max(spread, _INTEGER_RESOLUTION)
-    return max(spread, _RELATIVE_FLOAT_RESOLUTION * max(1.0, float(np.abs(ranks).max())))
 
 
 def _count_levels(means: np.ndarray, resolution: float) -> int:
@@ -139,42 +132,69 @@ def _count_levels(means: np.ndarray, resolution: float) -> int:
     return n_levels
 
 
-def _checked_rank_table(noise_levels: Sequence[float], ranks: np.ndarray) -> np.ndarray:
+def _checked_table(levels: tuple[float, ...], name: str, table) -> np.ndarray:
+    table = np.asarray(table, dtype=np.float64)
+    if table.ndim != 2 or table.shape[0] != len(levels) or table.shape[1] < 1:
+        raise ValueError(f"{name} must be (noise={len(levels)}, replicate>=1), got shape {table.shape}")
+    if not np.all(np.isfinite(table)):
+        raise ValueError(f"{name} contain NaN or inf: {table.tolist()}")
+    return table
+
+
+def _checked_rank_table(noise_levels: Sequence[float], ranks, bounds) -> tuple[np.ndarray, np.ndarray]:
     levels = validate_noise_levels(noise_levels)
     if levels != tuple(float(level) + 0.0 for level in noise_levels):
         raise ValueError(
             f"noise levels must be given in increasing order, got {list(noise_levels)}"
         )
-    ranks = np.asarray(ranks, dtype=np.float64)
-    if ranks.ndim != 2 or ranks.shape[0] != len(levels) or ranks.shape[1] < 1:
-        raise ValueError(
-            f"ranks must be (noise={len(levels)}, replicate>=1), got shape {ranks.shape}"
-        )
-    if not np.all(np.isfinite(ranks)):
-        raise ValueError(f"ranks contain NaN or inf: {ranks.tolist()}")
-    return ranks
+    ranks = _checked_table(levels, "ranks", ranks)
+    bounds = np.full_like(ranks, np.inf) if bounds is None else _checked_table(levels, "rank bounds", bounds)
+    if bounds.shape != ranks.shape:
+        raise ValueError(f"rank bounds have shape {bounds.shape}, ranks {ranks.shape}")
+    return ranks, bounds
 
 
-def stratification_verdict(noise_levels: Sequence[float], ranks: np.ndarray) -> Verdict:
-    """Verdict of §5.5 from `ranks (noise, replicate)`, rows in the order of increasing `noise_levels`.
+def _saturated_verdict(ranks: np.ndarray, bounds: np.ndarray, n_unsaturated: int) -> Verdict:
+    needed = int(np.max(np.where(np.isfinite(bounds), bounds, ranks)))
+    reason = (f"not informative: the rank reaches the number of analysed tokens at {len(ranks) - n_unsaturated} "
+              f"of {len(ranks)} σ levels (fewer than 2 left); needs more than {needed} analysed tokens")
+    nan = math.nan
+    return Verdict("saturated", 0, nan, nan, nan, nan, n_unsaturated, False, reason)
 
-    mean(σ) = replicate-mean rank; spread = max over σ of the replicate range (max − min, the worst
-    case: with 3 replicates a standard deviation is too unstable to trust); resolution τ = spread with a
-    floor (0.5 for integer ranks, round-off for float ranks).
-    - `stratified`: the means take two values differing by more than τ (max − min > τ).
-    - `n_strata`: number of rank levels, each level holding the means within τ of its lowest member.
-      `stratified` ⇔ `n_strata >= 2`.
-    - `transition_noise`: the smallest σ whose mean differs from the first level's (σ = 0) mean by more
-      than τ; NaN if none (possible while stratified when the σ = 0 mean lies between two levels).
+
+def stratification_verdict(noise_levels: Sequence[float], ranks, bounds=None) -> Verdict:
+    """Verdict of DESIGN.md §5.5 from the exact ranks `(noise, replicate)` (rows in increasing σ).
+
+    `bounds (noise, replicate)` are the sample bounds of each cell's rank (the analysed tokens with an
+    active latent, for the latent mode); a cell is saturated when rank ≥ bound, and a σ level is
+    unsaturated when none of its replicates is. On the unsaturated levels only:
+    - fewer than two of them: `saturated` — not informative, whatever the ranks do;
+    - spread = max over them of the replicate range (max − min: with 3 replicates a standard
+      deviation is too unstable to trust); τ = max(spread, 1) + 0.5;
+    - `stratified` when the replicate-mean ranks span more than τ (max − min > τ), else
+      `not stratified`; `partially_saturated` when some σ levels were left out.
+    `n_strata` counts rank levels (each holds the means within τ of its lowest member);
+    `transition_noise` is the smallest unsaturated σ whose mean differs from the first unsaturated
+    level's by more than τ.
     """
-    ranks = _checked_rank_table(noise_levels, ranks)
-    means = ranks.mean(axis=1)
-    spread = float((ranks.max(axis=1) - ranks.min(axis=1)).max())
-    resolution = _resolution(ranks, spread)
-    n_strata = _count_levels(means, resolution)
-    moved = np.abs(means - means[0]) > resolution
-    transition = float(noise_levels[int(np.argmax(moved))]) if moved.any() else math.nan
-    return Verdict(n_strata >= 2, n_strata, transition, spread)
+    ranks, bounds = _checked_rank_table(noise_levels, ranks, bounds)
+    unsaturated = ~np.any(ranks >= bounds, axis=1)
+    n_unsaturated = int(unsaturated.sum())
+    if n_unsaturated < 2:
+        return _saturated_verdict(ranks, bounds, n_unsaturated)
+    kept, sigmas = ranks[unsaturated], np.asarray(noise_levels, dtype=float)[unsaturated]
+    means = kept.mean(axis=1)
+    spread = float((kept.max(axis=1) - kept.min(axis=1)).max())
+    tau = max(spread, 1.0) + 0.5
+    rank_range = float(means.max() - means.min())
+    n_strata = _count_levels(means, tau)
+    moved = np.abs(means - means[0]) > tau
+    transition = float(sigmas[int(np.argmax(moved))]) if moved.any() else math.nan
+    verdict = "stratified" if rank_range > tau else "not stratified"
+    partial = n_unsaturated < len(ranks)
+    reason = (f"{verdict}: the mean rank spans {rank_range:g} over {n_unsaturated} unsaturated σ levels "
+              f"({'>' if rank_range > tau else '≤'} τ = {tau:g})" + (" — partially saturated" if partial else ""))
+    return Verdict(verdict, n_strata, transition, spread, tau, rank_range, n_unsaturated, partial, reason)
 
 
 def _where(cell: str) -> str:
@@ -235,19 +255,23 @@ def analyse_cell(
     """One SAEMA cell: x̃ = x + σ·scale·ε(seed), Z = encode(x̃[mask]), spectra and ranks per mode.
 
     `x (P, T, d)` activations, `mask (P, T)` analysed tokens, `encode` maps float32 `(n, d)` → `(n, K)`
-    (an SAE, the dense AE, or the identity for the resid control). Only analysed tokens are encoded, so
+    (an SAE, the dense AE, or the identity for the resid control); an encoder with an `affine`
+    attribute `(W (d, K), b (K,))` computes exactly `x @ W + b`, and its latent-mode spectrum is taken
+    from that factorisation. Noise is drawn for the analysed tokens only. Only analysed tokens are encoded, so
     masked positions of Z are 0 without building the (P, T, K) tensor. `cell` names the cell in errors.
     Deterministic given `seed`: the same inputs give the same result in any process (bit for bit with
     the same BLAS thread count; threaded BLAS may reorder sums in the Gram and eigvalsh).
     """
     x, mask = _checked_inputs(x, mask, cell)
     _check_parameters(sigma, scale, modes, cell)
-    noisy = add_noise(x, sigma, scale, seed)
-    latents = _encoded(encode, noisy[mask], cell)
+    noisy = add_noise(x[mask], sigma, scale, seed)  # only analysed tokens are encoded
+    latents = _encoded(encode, noisy, cell)
     code = latent_code_from_tokens(latents, mask)
-    spectra = {mode: sspd_spectrum(code, mode) for mode in modes}
+    weights = getattr(encode, "affine", None)  # (W, b) of an affine encoder: the dense AE
+    affine = AffineMap(noisy, *weights) if weights is not None else None
+    spectra = {mode: sspd_spectrum(code, mode, affine) for mode in modes}
     # The code is CSR for sparse latents: reading supports from it skips a second dense scan.
-    analysed = code.tokens[np.flatnonzero(mask)] if sp.issparse(code.tokens) else latents
+    analysed = code.tokens if sp.issparse(code.tokens) else latents
     return CellResult(
         cell=cell,
         sigma=float(sigma),

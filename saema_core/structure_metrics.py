@@ -237,3 +237,22 @@ def matched_procrustes(centroids_a: np.ndarray, centroids_b: np.ndarray) -> tupl
     width = max(centroids_a.shape[1], centroids_b.shape[1])
     _, _, disparity = procrustes(pad_columns(centroids_a, width), pad_columns(centroids_b, width))
     return float(disparity), ""
+
+
+def identity_agreement(labels: np.ndarray, identity: np.ndarray) -> float:
+    """Adjusted Rand index between the clusters and a token identity (the item, the word, the
+    sentence), over the clustered tokens (HDBSCAN noise left out).
+
+    1: the clusters are exactly the identity classes ("clusters are just the words"); ≈ 0: no more
+    agreement than chance. NaN with fewer than two clusters or two clustered tokens.
+    """
+    from sklearn.metrics import adjusted_rand_score
+
+    labels, identity = np.asarray(labels), np.asarray(identity)
+    if labels.shape != identity.shape or labels.ndim != 1:
+        raise ValueError(f"identity_agreement: labels {labels.shape} and identity {identity.shape} "
+                         f"must be 1-D over the same tokens")
+    clustered = labels >= 0
+    if np.unique(labels[clustered]).size < 2 or clustered.sum() < 2:
+        return float("nan")
+    return float(adjusted_rand_score(identity[clustered], labels[clustered]))

@@ -87,7 +87,10 @@ def open_store(url: str, identity: dict) -> zarr.Group:
 
 
 _NUMERIC_COORDS = {"prompt_id": np.int64, "position": np.int64, "token_id": np.int64, "mask": bool}
-_STRING_COORDS = ("token_str", "concept")
+# `item` and `source` say which concept item a token's prompt is about and where the prompt came from
+# (empty in the corpus split); `concept` is one value per group (its fill value, never written).
+_STRING_COORDS = ("token_str", "item", "source", "concept")
+_WRITTEN_STRINGS = ("token_str", "item", "source")
 
 
 def _template(plan: BatchPlan, d_model: int, attrs: dict) -> xr.Dataset:
@@ -117,7 +120,7 @@ def _write_template(url: str, path: str, plan: BatchPlan, d_model: int, attrs: d
     # `concept` is the same for every token of a group: it is the array's fill value, so its chunks
     # are never written and every reader sees the concept name.
     group = zarr.open_group(url, path=path, mode="r+", use_consolidated=False)
-    for name, fill in (("token_str", ""), ("concept", concept)):
+    for name, fill in (("token_str", ""), ("item", ""), ("source", ""), ("concept", concept)):
         group.create_array(name, shape=(plan.n_tokens,), chunks=(plan.chunk_tokens,), dtype=str,
                            fill_value=fill, dimension_names=("token",), compressors=None)
     coordinates = " ".join([*_NUMERIC_COORDS, *_STRING_COORDS])
@@ -136,8 +139,9 @@ class GroupWriter:
         self.group = zarr.open_group(self.url, path=self.path, mode="r+", use_consolidated=False)
         # Open every array once (`group[name]` re-reads its metadata on each access); every region is
         # written whole, so skip Zarr's scan of each chunk for fill values.
+        names = ("resid", "batch_done", *_NUMERIC_COORDS, *_WRITTEN_STRINGS)
         self.arrays = {name: self.group[name].async_array.with_config({"write_empty_chunks": True})
-                       for name in ("resid", "batch_done", *_NUMERIC_COORDS, "token_str")}
+                       for name in names if name in self.group}
         # Uncompressed arrays of a local store are written as chunk files (storage.chunk_files).
         self.files = {name: f for name, a in self.arrays.items() if (f := ChunkFile.for_array(a)) is not None}
 
@@ -169,7 +173,8 @@ def write_batch(parts: Sequence[tuple[GroupWriter, np.ndarray]], batch: TokenBat
     trip to Zarr's I/O loop (a synchronous `array[...] = v` costs a round trip each).
     """
     coords = batch.coords()
-    _write_parts([(writer, {"resid": resid, **coords}) for writer, resid in parts], batch.index)
+    _write_parts([(writer, {"resid": resid, **{k: v for k, v in coords.items() if k in writer.arrays}})
+                  for writer, resid in parts], batch.index)
     _write_parts([(writer, {"batch_done": np.ones(1, dtype=bool)}) for writer, _ in parts], batch.index)
 
 
@@ -226,6 +231,15 @@ def content_hash(url: str, hook: str, concept: str | None = None) -> str:
         raise StoreError(f"{url}/{path} is missing or incomplete; run `saema extract` for it first")
     attrs = zarr.open_group(url, path=path, mode="r", use_consolidated=False).attrs
     return f"{attrs['model_revision']}/{attrs['content_hash']}"
+
+
+def concept_source(url: str, hook: str, concept: str) -> str:
+    """Where a concept group's prompts came from, with its analysed-token count ("" when unknown)."""
+    try:
+        attrs = zarr.open_group(url, path=group_path(hook, concept), mode="r", use_consolidated=False).attrs
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return ""
+    return str(attrs.get("concept_source", ""))
 
 
 def consolidate(url: str) -> None:

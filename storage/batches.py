@@ -7,14 +7,14 @@ the `token` dimension, which is exactly one Zarr chunk, so every write is chunk-
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 
 import numpy as np
 
 from storage.corpus import iter_documents
-from storage.prompts import Concept, PromptError, analysed_mask
+from storage.prompts import Concept, Prompt, PromptError, analysed_mask
 
 
 @dataclass(frozen=True)
@@ -27,17 +27,23 @@ class TokenBatch:
     prompt_id: np.ndarray  # (rows,) int64, global within the split
     mask: np.ndarray  # (rows, seq_len) bool, True = analysed token
     token_str: np.ndarray  # (rows, seq_len) object
+    item: np.ndarray | None = None  # (rows,) object: the concept item each prompt is about
+    source: np.ndarray | None = None  # (rows,) object: where each prompt came from
 
     def coords(self) -> dict[str, np.ndarray]:
         """Flattened token coordinates (`token` = row-major prompt × position)."""
         rows, seq_len = self.input_ids.shape
-        return {
+        coords = {
             "prompt_id": np.repeat(self.prompt_id, seq_len),
             "position": np.tile(np.arange(seq_len, dtype=np.int64), rows),
             "token_id": self.input_ids.reshape(-1).astype(np.int64),
             "token_str": self.token_str.reshape(-1),
             "mask": self.mask.reshape(-1),
         }
+        for name in ("item", "source"):
+            if getattr(self, name) is not None:
+                coords[name] = np.repeat(getattr(self, name), seq_len)
+        return coords
 
 
 @dataclass(frozen=True)
@@ -65,26 +71,36 @@ def _special_flags(tokenizer, ids: np.ndarray) -> np.ndarray:
 
 
 def _make_batch(tokenizer, index: int, ids: np.ndarray, attention: np.ndarray, first_prompt: int,
-                fillers: frozenset[str] | None) -> TokenBatch:
-    """A batch with its coordinates; `fillers=None` analyses every non-special token (corpus)."""
+                prompts: Sequence[Prompt] | None = None, offsets: np.ndarray | None = None) -> TokenBatch:
+    """A batch with its coordinates; without `prompts` every non-special token is analysed (corpus),
+    with them the tokens that overlap each prompt's analysed words (`offsets (rows, seq_len, 2)`)."""
     strs = np.array([tokenizer.convert_ids_to_tokens(row.tolist()) for row in ids], dtype=object)
     special = _special_flags(tokenizer, ids) | (attention == 0)
-    if fillers is None:
-        mask = ~special
-    else:
-        mask = np.array(
-            [analysed_mask(list(s), list(sp), fillers) for s, sp in zip(strs, special)], dtype=bool
-        ).reshape(ids.shape)
     prompt_id = np.arange(first_prompt, first_prompt + ids.shape[0], dtype=np.int64)
-    return TokenBatch(index, ids.astype(np.int64), attention.astype(np.int64), prompt_id, mask, strs)
+    if prompts is None:
+        return TokenBatch(index, ids.astype(np.int64), attention.astype(np.int64), prompt_id, ~special, strs)
+    mask = np.array([analysed_mask(off.tolist(), sp.tolist(), p.spans)
+                     for off, sp, p in zip(offsets, special, prompts, strict=True)], dtype=bool)
+    item = np.array([p.item for p in prompts], dtype=object)
+    source = np.array([p.source for p in prompts], dtype=object)
+    return TokenBatch(index, ids.astype(np.int64), attention.astype(np.int64), prompt_id, mask, strs,
+                      item, source)
+
+
+def _encode_with_offsets(tokenizer, concept: Concept) -> dict[str, np.ndarray]:
+    if not getattr(tokenizer, "is_fast", False):
+        raise PromptError(f"concept {concept.name!r}: masking needs the character offsets of a fast "
+                          f"tokenizer; {type(tokenizer).__name__} has none")
+    return tokenizer(concept.texts, padding="longest", return_tensors="np", return_offsets_mapping=True)
 
 
 def concept_batches(tokenizer, concept: Concept, batch_size: int) -> tuple[BatchPlan, list[TokenBatch]]:
     """All prompts of a concept, padded to the concept's longest prompt, in batches."""
-    encoded = tokenizer(list(concept.prompts), padding="longest", return_tensors="np")
-    ids, attention = encoded["input_ids"], encoded["attention_mask"]
+    encoded = _encode_with_offsets(tokenizer, concept)
+    ids, attention, offsets = encoded["input_ids"], encoded["attention_mask"], encoded["offset_mapping"]
     batches = [
-        _make_batch(tokenizer, b, ids[s : s + batch_size], attention[s : s + batch_size], s, concept.fillers)
+        _make_batch(tokenizer, b, ids[s : s + batch_size], attention[s : s + batch_size], s,
+                    concept.prompts[s : s + batch_size], offsets[s : s + batch_size])
         for b, s in enumerate(range(0, len(ids), batch_size))
     ]
     if not any(batch.mask.any() for batch in batches):
@@ -94,6 +110,7 @@ def concept_batches(tokenizer, concept: Concept, batch_size: int) -> tuple[Batch
         )
     digest = hashlib.sha256(f"batch_rows={batch_size}|".encode() + ids.tobytes() + attention.tobytes())
     digest.update(np.concatenate([b.mask for b in batches]).tobytes())
+    digest.update("\x00".join(f"{p.item}\x01{p.source}" for p in concept.prompts).encode())
     plan = BatchPlan(len(ids), ids.shape[1], batch_size, len(batches), digest.hexdigest()[:16])
     return plan, batches
 
@@ -142,5 +159,5 @@ def corpus_batches(tokenizer, corpus: str, plan: BatchPlan, skip: set[int] = fro
         if index in skip:
             continue
         ids = np.asarray(rows, dtype=np.int64)
-        batch = _make_batch(tokenizer, index, ids, np.ones_like(ids), index * plan.batch_rows, None)
+        batch = _make_batch(tokenizer, index, ids, np.ones_like(ids), index * plan.batch_rows)
         yield batch

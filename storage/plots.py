@@ -43,11 +43,14 @@ def plot_rank_vs_noise(ds: xr.Dataset, path: str, mode: str = "latent", estimato
             ax.plot(x, rank.mean("replicate"), style, color=color, marker="o", ms=3, label=str(space))
             ax.fill_between(x, rank.min("replicate"), rank.max("replicate"), color=color, alpha=0.15)
         if {"n_active", "n_tokens"} <= set(ds.data_vars):
-            # The rank can never exceed min(active latents, active tokens): show where it saturates.
-            cell = ds.sel(concept=concept, mode=mode).max(["replicate", "space"])
-            ax.plot(x, np.minimum(cell["n_active"], cell["n_tokens"]), "k--", lw=0.8, label="bound")
+            # The rank can never exceed the analysed tokens: a rank on this line is saturated.
+            cell = ds[["n_tokens"]].sel(concept=concept, mode=mode).max(["replicate", "space"])
+            ax.plot(x, cell["n_tokens"], "k--", lw=0.8, label="tokens (saturation)")
+            if "latent" in ds.space.values:
+                active = ds["n_active"].sel(concept=concept, mode=mode, space="latent").mean("replicate")
+                ax.plot(x, active, ":", color="tab:red", lw=0.8, label="SAE active latents")
         ax.set_xscale("log")
-        ax.set_title(str(concept), fontsize=10)
+        ax.set_title(_verdict_title(ds, str(concept), mode), fontsize=8)
         ax.set_xlabel("noise σ (σ=0 at far left)")
         ax.set_ylabel(f"{mode}-mode rank")
     for ax in list(axes.flat)[len(concepts):]:
@@ -57,6 +60,14 @@ def plot_rank_vs_noise(ds: xr.Dataset, path: str, mode: str = "latent", estimato
                  fontsize=11)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _verdict_title(ds: xr.Dataset, concept: str, mode: str) -> str:
+    """'concept' and, when stored, each space's verdict on a second line."""
+    if "verdict" not in ds:
+        return concept
+    verdicts = ds["verdict"].sel(concept=concept, mode=mode)
+    return concept + "\n" + ", ".join(f"{s}: {v}" for s, v in zip(verdicts.space.values, verdicts.values) if v)
 
 
 def plot_structure_scatter(panels: dict[str, dict], tokens, title: str, path: str, max_labels: int = 40) -> str:

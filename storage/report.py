@@ -33,7 +33,7 @@ PER_ITEM_DIMS = frozenset({"token", "prompt", "position", "d_model", "latent", "
 """Dimensions of per-token / per-step detail (and any `token_*` dim); not tabulated generically."""
 MAX_TABLE_CELLS = 200_000
 MAX_TABLE_ROWS = 400
-VERDICT = ("stratified", "n_strata", "transition_noise")
+VERDICT = ("verdict", "rank_range", "tau", "n_unsaturated", "n_strata", "transition_noise")
 STRATA_PLOTTED = ("mean_jaccard", "fraction_changed")
 _SPACE_COLOR = {"latent": "tab:red", "dense_ae": "tab:blue", "resid": "tab:gray"}
 
@@ -112,22 +112,32 @@ def sae_eval_section(ds: xr.Dataset) -> list[str]:
 # --- stratification ---------------------------------------------------------------------------------
 
 def verdict_frame(ds: xr.Dataset) -> pd.DataFrame:
-    """The latent-mode, numerical-rank verdict per (model, hook, concept), spaces side by side."""
+    """The latent-mode verdict (exact rank) per (model, hook, concept), the three spaces side by side."""
     present = [v for v in VERDICT if v in ds]
-    frame = ds[present].sel(mode="latent", estimator="numerical").to_dataframe()[present]
-    frame = frame.dropna(subset=["n_strata"]) if "n_strata" in present else frame.dropna(how="all")
-    if "stratified" in present:  # merged runs turn the bool into float (NaN holes); computed rows are 0/1
-        frame["stratified"] = frame["stratified"].astype("boolean")
+    frame = ds[present].sel(mode="latent").to_dataframe()[present]
+    frame = frame[frame["verdict"].fillna("") != ""] if "verdict" in present else frame.dropna(how="all")
     return frame.unstack("space") if "space" in frame.index.names else frame
 
 
 def verdict_summary(ds: xr.Dataset) -> str:
-    """'stratified in k of n computed (hook, concept) cells' for the SAE's latent space."""
-    cells = ds.sel(mode="latent", estimator="numerical", space="latent")
-    computed = cells["n_strata"].notnull().values
-    stratified = int(np.sum(cells["stratified"].values.astype(bool) & computed))
-    return f"SAE latent space, latent mode, numerical rank: stratified in {stratified} of {int(computed.sum())} " \
-           f"computed (model, hook, concept) cells."
+    """Per space, how many computed (model, hook, concept) cells got each verdict."""
+    verdicts = ds["verdict"].sel(mode="latent")
+    parts = []
+    for space in verdicts.space.values:
+        values = [str(v) for v in verdicts.sel(space=space).values.ravel() if v]
+        counts = ", ".join(f"{name} {values.count(name)}" for name in ("stratified", "not stratified", "saturated"))
+        parts.append(f"{space}: {counts} (of {len(values)})")
+    return ("Latent mode, exact (float64) rank — " + "; ".join(parts) + ". 'saturated' means the rank reached "
+            "the number of analysed tokens at all but at most one σ: not informative.")
+
+
+def concept_frame(ds: xr.Dataset) -> pd.DataFrame:
+    """Per (model, hook, concept): analysed tokens and where the prompts came from."""
+    frame = ds["n_analysed"].to_dataframe()[["n_analysed"]].dropna()
+    if "concept_source" in ds:
+        sources = ds["concept_source"].to_series()
+        frame["source"] = [sources.get((m, c), "") for m, _, c in frame.index]
+    return frame
 
 
 def computed_cells(ds: xr.Dataset, variable: str) -> xr.Dataset:
@@ -154,9 +164,10 @@ def rank_plots(ds: xr.Dataset) -> list[str]:
 def stratification_section(ds: xr.Dataset) -> list[str]:
     if not has_labels(ds, mode="latent", estimator="numerical"):
         return [note_html("no latent-mode numerical ranks stored; generic table instead")] + generic_section(ds)
-    summarise = has_labels(ds, space="latent") and {"stratified", "n_strata"} <= set(ds.data_vars)
-    parts = [note_html(verdict_summary(ds))] if summarise else []
+    parts = [note_html(verdict_summary(ds))] if "verdict" in ds else []
     parts.append(table_html(verdict_frame(ds)))
+    if "n_analysed" in ds:
+        parts += ["<h3>concept data</h3>", table_html(concept_frame(ds))]
     if "rank" in ds and bool((ds.noise > 0).any()):
         parts += rank_plots(ds)
     return parts
@@ -245,8 +256,21 @@ def generic_section(ds: xr.Dataset) -> list[str]:
     return parts
 
 
+# --- findings ---------------------------------------------------------------------------------------
+
+def findings_section(ds: xr.Dataset) -> list[str]:
+    """The claims, one row per (model, hook, claim, space) with a verdict."""
+    frame = ds[["verdict", "why", "numbers"]].to_dataframe()
+    frame = frame[frame["verdict"].fillna("") != ""]
+    claims = "".join(f"<li><b>{html.escape(str(c))}</b>: {html.escape(str(t))}</li>"
+                     for c, t in zip(ds.claim.values, ds["claim_text"].values)) if "claim_text" in ds else ""
+    return [f"<ul>{claims}</ul>", note_html("Each verdict is computed from the groups below; 'not informative' "
+                                           "says why the data cannot decide."), table_html(frame)]
+
+
 SECTIONS: dict[str, Callable[[xr.Dataset], list[str]]] = {
-    "sae_eval": sae_eval_section, "stratification": stratification_section, "strata": strata_section}
+    "findings": findings_section, "sae_eval": sae_eval_section, "stratification": stratification_section,
+    "strata": strata_section}
 
 
 def group_section(name: str, ds: xr.Dataset) -> str:
@@ -277,7 +301,7 @@ def footer_html(out: str) -> str:
 def render_report(out: str) -> str:
     """The report of `<out>/results.zarr` as one HTML string."""
     tree = open_results(out)
-    names = [g for g in GROUPS if g in tree.children]
+    names = sorted((g for g in GROUPS if g in tree.children), key=lambda g: g != "findings")  # findings first
     sections = [group_section(name, tree[name].to_dataset()) for name in names]
     contents = " · ".join(f'<a href="#{name}">{name}</a>' for name in names) or "no result groups stored yet"
     return "\n".join([

@@ -30,7 +30,7 @@ import zarr
 
 from storage.locations import canonical, exists, is_local, is_process_local, local_path
 
-GROUPS = ("stratification", "strata", "structure", "intervention", "sae_eval")
+GROUPS = ("stratification", "strata", "structure", "intervention", "sae_eval", "findings")
 _LOCK = ".saema-write.lock"
 _IN_PROCESS_LOCK = threading.Lock()
 
@@ -113,7 +113,13 @@ def _repair_swaps(root: Path) -> None:
 def _merge(new: xr.Dataset, old: xr.Dataset | None) -> xr.Dataset:
     if old is None:
         return new
-    merged = new.combine_first(old.load())
+    old = old.load()
+    # Strings read back from Zarr are numpy StringDType, which cannot hold the NaN that alignment puts
+    # into cells neither side has: merge them as objects and fill those cells with "".
+    strings = [n for n, v in {**old.variables, **new.variables}.items() if v.dtype.kind in "OTU"]
+    old = old.assign({n: old[n].astype(object) for n in strings if n in old.data_vars})
+    merged = new.combine_first(old)
+    merged = merged.assign({n: merged[n].fillna("").astype(object) for n in strings if n in merged.data_vars})
     merged.attrs = {**old.attrs, **new.attrs}
     for name, var in new.variables.items():
         merged[name].attrs = dict(var.attrs)

@@ -31,6 +31,7 @@ class ActivationRef:
     content_hash: str
     n_tokens: int
     computed: bool
+    n_analysed: int = 0
 
 
 def _forward(lm: LoadedModel, batch: TokenBatch, hooks: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -42,14 +43,15 @@ def _forward(lm: LoadedModel, batch: TokenBatch, hooks: tuple[str, ...]) -> dict
     return {h: t.reshape(-1, t.shape[-1]).float().cpu().numpy() for h, t in captured.items()}
 
 
-def _writers(cfg: ExtractConfig, lm: LoadedModel, url: str, plan: BatchPlan, concept: str | None):
+def _writers(cfg: ExtractConfig, lm: LoadedModel, url: str, plan: BatchPlan, concept: str | None,
+             about: dict | None = None):
     writers = {}
     for hook in cfg.hooks:
         attrs = provenance(model=cfg.model.name, model_revision=lm.revision, hook=hook,
                            dtype="float32", model_dtype=cfg.model.dtype,
                            tokenizer=type(lm.tokenizer).__name__, architecture=lm.architecture,
                            split="corpus" if concept is None else "concepts",
-                           concept=concept, corpus=cfg.corpus if concept is None else None)
+                           concept=concept, corpus=cfg.corpus if concept is None else None, **(about or {}))
         writers[hook] = store.prepare_group(url, store.group_path(hook, concept), plan, lm.d_model,
                                             attrs, concept=concept or "", refresh=cfg.refresh)
     return writers
@@ -92,11 +94,14 @@ def extract_concept(cfg: ExtractConfig, concept: Concept) -> ActivationRef:
     url = store.activation_store_url(cfg.out, cfg.model.name)
     store.open_store(url, _identity(cfg, lm))
     plan, batches = concept_batches(lm.tokenizer, concept, cfg.batch_size)
-    writers = _writers(cfg, lm, url, plan, concept.name)
+    n_analysed = int(sum(batch.mask.sum() for batch in batches))
+    about = {"concept_source": concept.source, "n_analysed": n_analysed,
+             "min_concept_tokens": cfg.min_concept_tokens}
+    writers = _writers(cfg, lm, url, plan, concept.name, about)
     todo = _todo(writers, plan.n_batches)
     _stream(lm, writers, batches, todo, f"extract {concept.name} ({plan.n_tokens} tokens)")
     computed = any(todo.values())
-    return ActivationRef(url, concept.name, cfg.hooks, plan.content_hash, plan.n_tokens, computed)
+    return ActivationRef(url, concept.name, cfg.hooks, plan.content_hash, plan.n_tokens, computed, n_analysed)
 
 
 @task(name="extract-corpus", task_run_name="extract corpus {cfg.corpus}", cache_policy=NO_CACHE,

@@ -56,29 +56,56 @@ def encoder_for(space: str, sae_path: str | None) -> Callable[[np.ndarray], np.n
         with torch.inference_mode():
             return sae.encode(torch.from_numpy(np.ascontiguousarray(x))).numpy()
 
+    encode.affine = affine_weights(sae)
     return encode
 
 
+def affine_weights(sae) -> tuple[np.ndarray, np.ndarray] | None:
+    """(W, b) with encode(x) = x @ W + b for the dense AE (no activation, no input rescaling), else None."""
+    if sae.cfg.architecture != "dense" or sae.input_scale(torch.ones(1, sae.cfg.d_in)) is not None:
+        return None
+    with torch.inference_mode():
+        W, b = sae.W_enc.double(), sae.b_enc.double()
+        if sae.cfg.apply_b_dec_to_input:
+            b = b - sae.b_dec.double() @ W
+    return W.numpy(), b.numpy()
+
+
+def _cell_rows(cell) -> dict[str, list]:
+    """Per mode: the rank estimates and the counts of one cell."""
+    return {"rank": [[cell.ranks[mode][e] for e in ESTIMATORS] for mode in MODES],
+            "n_active": [cell.spectra[mode].n_active for mode in MODES],
+            "n_tokens": [cell.spectra[mode].n_tokens for mode in MODES],
+            "rank_bound": [cell.spectra[mode].rank_bound for mode in MODES],
+            "ceiling": [cell.spectra[mode].shape[0] for mode in MODES]}
+
+
 def _sweep(x, mask, encode, params: StratifyParams, hook: str, concept: str, space: str) -> dict:
+    """Every (σ, replicate) cell. At σ = 0 every replicate is the same noiseless cell: computed once."""
     scale = noise_scale(x, mask, params.noise_scale, cell=f"{hook}/{concept}/{space}")
-    n_noise, n_rep = len(params.noise_levels), params.replicates
-    ranks = np.zeros((n_noise, n_rep, len(MODES), len(ESTIMATORS)))
-    counts = {"n_active": np.zeros((n_noise, n_rep, len(MODES))), "n_tokens": np.zeros((n_noise, n_rep, len(MODES)))}
-    strata = {name: np.zeros((n_noise, n_rep)) for name in ("n_supports", "mean_jaccard", "fraction_changed")}
-    reference = None
-    for i, sigma in enumerate(params.noise_levels):
-        for r in range(n_rep):
-            seed = derive_seed(params.base_seed, hook, concept, sigma, r)
-            cell = analyse_cell(x, mask, encode, sigma, scale, seed, cell=f"{hook}/{concept}/{space}/σ={sigma}/r={r}")
-            for m, mode in enumerate(MODES):
-                ranks[i, r, m] = [cell.ranks[mode][e] for e in ESTIMATORS]
-                counts["n_active"][i, r, m] = cell.spectra[mode].n_active
-                counts["n_tokens"][i, r, m] = cell.spectra[mode].n_tokens
+    rows: dict[str, list] = {}
+    reference, noiseless = None, None
+    for sigma in params.noise_levels:
+        for r in range(params.replicates):
+            if sigma == 0 and noiseless is not None:
+                cell = noiseless
+            else:
+                seed = derive_seed(params.base_seed, hook, concept, sigma, r)
+                cell = analyse_cell(x, mask, encode, sigma, scale, seed,
+                                    cell=f"{hook}/{concept}/{space}/σ={sigma}/r={r}")
+                noiseless = cell if sigma == 0 else noiseless
             reference = cell.supports if reference is None else reference
             result = support_strata(cell.supports, reference)
-            for name in strata:
-                strata[name][i, r] = getattr(result, name)
-    return {"rank": ranks, **counts, **strata, "scale": scale, "n_analysed": int(mask.sum())}
+            values = {**_cell_rows(cell), **{name: getattr(result, name) for name in _STRATA}}
+            for name, value in values.items():
+                rows.setdefault(name, []).append(value)
+    n_noise, n_rep = len(params.noise_levels), params.replicates
+    arrays = {name: np.asarray(v, dtype=float).reshape(n_noise, n_rep, *np.shape(v[0])) for name, v in rows.items()}
+    signal = float(np.sqrt(np.mean(np.square(x[mask], dtype=np.float64))))
+    return {**arrays, "scale": scale, "signal_rms": signal, "n_analysed": int(mask.sum())}
+
+
+_STRATA = ("n_supports", "mean_jaccard", "fraction_changed")
 
 
 @task(name="stratify", task_run_name="stratify {model_name} {hook} {concept} {space}", cache_policy=NO_CACHE,

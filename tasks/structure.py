@@ -30,6 +30,17 @@ def concept_points(out: str, model_name: str, hook: str, concept: str, space: st
     return (csr.toarray() if density > _DENSE_ABOVE else csr), tokens
 
 
+def token_metadata(out: str, model_name: str, hook: str, concept: str) -> dict[str, np.ndarray]:
+    """The analysed tokens' string, item and prompt (sentence) id, in `concept_points` order.
+
+    Stores written before items were recorded give the token string as the item."""
+    acts = store.open_activations(store.activation_store_url(out, model_name), hook, concept)
+    mask = acts["mask"].values
+    token = np.array([str(t) for t in acts.token_str.values[mask]], dtype=object)
+    item = np.array([str(t) for t in acts["item"].values[mask]], dtype=object) if "item" in acts else token
+    return {"token": token, "item": item, "sentence": acts.prompt_id.values[mask]}
+
+
 def points_fingerprint(out: str, model_name: str, hook: str, concept: str, space: str,
                        sae_id: str | None) -> str:
     """What `concept_points` reads, as a cache-key input: the activations or the latents' own key."""

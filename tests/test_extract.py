@@ -60,7 +60,7 @@ def test_store_layout_and_values(tmp_path, tiny_model_dirs, corpus_file):
     assert zarr.open_group(url, path=store.group_path(HOOKS[0], "months"), mode="r")["resid"].shape[1] == 32
     # Equality with an independent forward of the same prompts.
     lm = load_model(cfg.model)
-    prompts = list(builtin_concept("months").prompts)
+    prompts = builtin_concept("months").texts
     encoded = lm.tokenizer(prompts, padding="longest", return_tensors="pt")
     direct = capture_residuals(lm.model, dict(encoded), [HOOKS[1]])[HOOKS[1]]
     stored = ds.resid.values.reshape(len(prompts), -1, lm.d_model)

@@ -42,9 +42,10 @@ def _cell_result(space: str, concept: str) -> dict:
     levels = np.array([base, base + 2, base + 4]) if space == "latent" else np.full(noise, base)
     rank = np.broadcast_to(levels[:, None, None, None], (noise, reps, len(MODES), len(ESTIMATORS))).copy()
     jaccard = np.linspace(1.0, 0.4, noise)[:, None].repeat(reps, 1)
-    return {"rank": rank, "n_active": np.full((noise, reps, len(MODES)), 16.0),
-            "n_tokens": np.full((noise, reps, len(MODES)), 50.0), "n_supports": 10 * (2 - jaccard),
-            "mean_jaccard": jaccard, "fraction_changed": 1 - jaccard}
+    counts = np.full((noise, reps, len(MODES)), 1.0)
+    return {"rank": rank, "n_active": 16.0 * counts, "n_tokens": 50.0 * counts, "rank_bound": 50.0 * counts,
+            "ceiling": 64.0 * counts, "n_supports": 10 * (2 - jaccard), "mean_jaccard": jaccard,
+            "fraction_changed": 1 - jaccard, "scale": 1.0, "signal_rms": 0.5, "n_analysed": 50}
 
 
 def _write_stratify(out: str, model: str, hooks: list[str], concepts: list[str]) -> None:
@@ -142,12 +143,14 @@ def test_unknown_or_missing_group_says_which_exist(out, tmp_path):
 
 def test_to_frame_is_tidy_and_leaves_out_per_token_variables(out):
     ds = query(out, "stratification", model=["m1"], hook=[H3])
-    frame = to_frame(ds[["stratified", "n_strata", "transition_noise"]])
-    cells = ds[["stratified"]].sizes
+    frame = to_frame(ds[["verdict", "n_strata", "transition_noise"]])
+    cells = ds[["verdict"]].sizes
     assert len(frame) == int(np.prod(list(cells.values())))
     assert list(frame.columns[:len(cells)]) == list(cells) and frame.columns[-1] == "transition_noise"
-    row = frame.query("concept == 'days' and space == 'latent' and mode == 'latent' and estimator == 'numerical'")
-    assert row["stratified"].item() and row["n_strata"].item() == 3 and row["transition_noise"].item() == 0.1
+    row = frame.query("concept == 'days' and space == 'latent' and mode == 'latent'")
+    assert row["verdict"].item() == "stratified" and row["n_strata"].item() == 3
+    assert row["transition_noise"].item() == 0.1
+    assert set(frame.query("space != 'latent'")["verdict"]) == {"not stratified"}
     one = to_frame(ds.sel(hook=H3, concept="days", space="latent", mode="latent", estimator="numerical"))
     assert len(one) == 3 * 2 and one["model"].tolist() == ["m1"] * 6  # scalar coords stay as columns
     cell = to_frame(query(out, "sae_eval", model="m1", hook=H3).sel(sae="sae"), ["l0"])
@@ -192,7 +195,7 @@ def test_cli_summary_of_every_group_in_each_format(out, capsys):
         "== stratification", "== strata", "== structure", "== sae_eval"]
     run_query(_parse(["--out", out, "--format", "csv"]))
     summary = pd.read_csv(io.StringIO(capsys.readouterr().out))
-    assert summary.set_index(["group", "variable"]).loc[("stratification", "rank"), "shape"] == "2×2×2×3×3×2×3×5"
+    assert summary.set_index(["group", "variable"]).loc[("stratification", "rank"), "shape"] == "2×2×2×3×3×2×3×6"  # 6 estimators
     run_query(_parse(["--out", out, "--format", "json", "--concept", "days"]))
     groups = {r["group"] for r in json.loads(capsys.readouterr().out)}
     assert groups == {"stratification", "strata", "structure", "sae_eval"}
@@ -221,7 +224,9 @@ def test_report_is_self_contained_with_sections_tables_and_plots(out):
     assert len(_images(page)) == 6 and all(image.startswith(b"\x89PNG") for image in _images(page))
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page)
     assert not re.search(r"<(script|link|iframe)\b", page)
-    assert "stratified in 5 of 5 computed" in page and "<td>True</td>" in page and "transition_noise" in page and "explained_variance" in page
+    assert "latent: stratified 5, not stratified 0, saturated 0 (of 5)" in page
+    assert "resid: stratified 0, not stratified 5, saturated 0 (of 5)" in page
+    assert "transition_noise" in page and "explained_variance" in page
     assert "n_clusters" in page and "not tabulated" in page and "embedding (model × token)" in page
     assert "cluster_label (model × hook × concept × space × token_index)" in page
     assert f"results store {out}/results.zarr" in page and "saema 0.1.0" in page

@@ -105,12 +105,12 @@ def test_code_from_tokens_equals_code_of_the_masked_tensor(density):
     Z[mask] = latents
     from_tokens, from_tensor = latent_code_from_tokens(latents, mask), latent_code(Z)
     assert from_tokens.shape == from_tensor.shape == Z.shape
-    dense = [
-        c.tokens.toarray() if hasattr(c.tokens, "toarray") else c.tokens
-        for c in (from_tokens, from_tensor)
-    ]
-    np.testing.assert_array_equal(dense[0], Z.reshape(12, 50))
-    np.testing.assert_array_equal(dense[1], Z.reshape(12, 50))
+    for code in (from_tokens, from_tensor):  # scatter the held rows back into the tensor
+        held = code.tokens.toarray() if hasattr(code.tokens, "toarray") else code.tokens
+        full = np.zeros((12, 50))
+        full[code.token_rows()] = held
+        np.testing.assert_array_equal(full, Z.reshape(12, 50))
+    assert from_tokens.tokens.shape[0] == n  # only the analysed tokens are held
     for mode in MODES:
         np.testing.assert_array_equal(
             sspd_spectrum(from_tokens, mode).eigenvalues, sspd_spectrum(Z, mode).eigenvalues
@@ -309,3 +309,22 @@ def test_spectrum_rejects_non_finite_latents():
     Z[0, 1, 2] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         sspd_spectrum(Z, "latent")
+
+
+@pytest.mark.parametrize("on_hyperplane", [False, True])
+def test_affine_code_spectrum_equals_the_direct_route(on_hyperplane):
+    """Z = X W + b: the (d + 1)-factor route gives the direct Gram route's spectrum and ranks."""
+    from saema_core.ranks import AffineMap
+
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((60, 8))
+    if on_hyperplane:  # rows on sum(x) = 1: [X, 1] has rank 8, not 9
+        X += (1.0 - X.sum(axis=1, keepdims=True)) / 8
+    W, b = rng.standard_normal((8, 40)), rng.standard_normal(40)
+    Z = X @ W + b
+    code = latent_code_from_tokens(Z, np.ones((6, 10), dtype=bool))
+    direct, factored = sspd_spectrum(code, "latent"), sspd_spectrum(code, "latent", AffineMap(X, W, b))
+    assert rank_estimates(factored)["numerical"] == rank_estimates(direct)["numerical"] == (8 if on_hyperplane else 9)
+    n = int(rank_estimates(direct)["numerical"])
+    np.testing.assert_allclose(factored.eigenvalues[:n], direct.eigenvalues[:n], rtol=1e-9)
+    assert (factored.n_active, factored.n_tokens, factored.rank_bound) == (direct.n_active, direct.n_tokens, 60)

@@ -47,15 +47,17 @@ def full_mask():
     return np.ones((P, T), dtype=bool)
 
 
-def cell_ranks(x, mask, encode, sigmas=SIGMAS, replicates=3, mode="latent", concept="months"):
-    """Rank table (noise, replicate) of the numerical estimator for one hook × concept."""
-    table = np.empty((len(sigmas), replicates))
+def cell_ranks(x, mask, encode, sigmas=SIGMAS, replicates=3, mode="latent", concept="months", bounds=False):
+    """Rank table (noise, replicate) of the numerical estimator for one hook × concept (and the rank
+    bounds of its cells when `bounds`)."""
+    table, bound = np.empty((len(sigmas), replicates)), np.empty((len(sigmas), replicates))
     for i, sigma in enumerate(sigmas):
         for r in range(replicates):
             seed = derive_seed(0, HOOK, concept, sigma, r)
             result = analyse_cell(x, mask, encode, sigma, 1.0, seed, modes=(mode,))
             table[i, r] = result.ranks[mode]["numerical"]
-    return table
+            bound[i, r] = result.spectra[mode].rank_bound
+    return (table, bound) if bounds else table
 
 
 # --- verdict on hand-made tables --------------------------------------------------------------------
@@ -63,14 +65,15 @@ def cell_ranks(x, mask, encode, sigmas=SIGMAS, replicates=3, mode="latent", conc
 
 def test_constant_rank_is_not_stratified():
     verdict = stratification_verdict((0, 0.1, 1.0), np.full((3, 3), 9.0))
-    assert verdict == (False, 1, verdict.transition_noise, 0.0)
-    assert math.isnan(verdict.transition_noise)
+    assert verdict.verdict == "not stratified" and verdict.n_strata == 1 and verdict.spread == 0.0
+    assert verdict.tau == 1.5 and verdict.rank_range == 0.0 and verdict.n_unsaturated == 3
+    assert math.isnan(verdict.transition_noise) and not verdict.partially_saturated
 
 
 def test_one_jump_is_two_strata_with_its_transition():
     ranks = [[9, 9, 9], [9, 9, 9], [18, 18, 18], [18, 18, 18]]
     verdict = stratification_verdict((0, 0.1, 0.2, 0.5), ranks)
-    assert verdict.stratified and verdict.n_strata == 2 and verdict.transition_noise == 0.2
+    assert verdict.verdict == "stratified" and verdict.n_strata == 2 and verdict.transition_noise == 0.2
 
 
 def test_three_levels():
@@ -78,28 +81,37 @@ def test_three_levels():
     assert verdict.n_strata == 3 and verdict.transition_noise == 2.0
 
 
-def test_differences_within_the_replicate_spread_do_not_count():
-    # Spread 2 (replicates 9..11 at σ = 0.1); means 9, 10, 10 differ by at most 1.
+def test_differences_within_tau_do_not_count():
+    # Spread 2 (replicates 9..11 at σ = 0.1): τ = 2.5; means 9, 10, 10 span 1.
     verdict = stratification_verdict((0, 0.1, 1), [[9, 9, 9], [9, 10, 11], [10, 10, 10]])
-    assert not verdict.stratified and verdict.n_strata == 1 and verdict.spread == 2.0
+    assert verdict.verdict == "not stratified" and verdict.n_strata == 1 and verdict.tau == 2.5
     assert math.isnan(verdict.transition_noise)
 
 
-def test_integer_step_of_one_counts_when_replicates_agree():
-    verdict = stratification_verdict((0, 0.5), [[3, 3, 3], [4, 4, 4]])
-    assert verdict.stratified and verdict.n_strata == 2 and verdict.transition_noise == 0.5
+def test_a_step_of_one_is_not_a_stratum():
+    # τ is at least 1.5: a one-off jump (an affine offset entering the span) is not stratification.
+    assert stratification_verdict((0, 0.5), [[3, 3, 3], [4, 4, 4]]).verdict == "not stratified"
+    assert stratification_verdict((0, 0.5), [[3, 3, 3], [5, 5, 5]]).verdict == "stratified"
 
 
-def test_round_off_in_float_ranks_is_not_a_stratum():
-    verdict = stratification_verdict((0, 1), [[7.3], [7.3 + 1e-12]])
-    assert not verdict.stratified and verdict.n_strata == 1
-
-
-def test_slow_drift_wider_than_the_spread_is_stratified():
-    # Means 10, 10.8, 11.6, 12.4, spread 1: no single step exceeds it, the range does.
-    ranks = [[9.5, 10.5], [10.3, 11.3], [11.1, 12.1], [11.9, 12.9]]
+def test_slow_drift_wider_than_tau_is_stratified():
+    # Means 10, 11, 12, 13, spread 1 → τ 1.5: no single step exceeds it, the range does.
+    ranks = [[9.5, 10.5], [10.5, 11.5], [11.5, 12.5], [12.5, 13.5]]
     verdict = stratification_verdict((0, 1, 2, 3), ranks)
-    assert verdict.stratified and verdict.n_strata == 2 and verdict.transition_noise == 2.0
+    assert verdict.verdict == "stratified" and verdict.n_strata == 2 and verdict.transition_noise == 2.0
+
+
+def test_saturated_levels_are_left_out():
+    levels = (0, 0.1, 1, 10)
+    bounds = np.full((4, 2), 50.0)
+    # Only σ = 0 is below the bound: fewer than two unsaturated levels → saturated, never "not stratified".
+    verdict = stratification_verdict(levels, [[40, 40], [50, 50], [50, 50], [50, 50]], bounds)
+    assert verdict.verdict == "saturated" and verdict.n_unsaturated == 1 and "more than 50" in verdict.reason
+    # A level with one saturated replicate is saturated too; the rest decide.
+    verdict = stratification_verdict(levels, [[20, 20], [30, 30], [31, 50], [50, 50]], bounds)
+    assert verdict.verdict == "stratified" and verdict.n_unsaturated == 2 and verdict.partially_saturated
+    verdict = stratification_verdict(levels, [[20, 20], [20, 21], [50, 50], [50, 50]], bounds)
+    assert verdict.verdict == "not stratified" and verdict.partially_saturated
 
 
 @pytest.mark.parametrize(
@@ -111,11 +123,13 @@ def test_slow_drift_wider_than_the_spread_is_stratified():
         ((0, 1), np.ones((3, 2)), "shape"),
         ((0, 1), np.ones((2, 0)), "shape"),
         ((0, 1), [[1.0, np.nan], [1.0, 1.0]], "NaN"),
+        ((0, 1), [[1.0, 2.0], [1.0, 1.0]], "bounds"),
     ],
 )
 def test_verdict_rejects_bad_tables(levels, ranks, message):
+    bounds = np.ones((3, 3)) if message == "bounds" else None
     with pytest.raises(ValueError, match=message):
-        stratification_verdict(levels, ranks)
+        stratification_verdict(levels, ranks, bounds)
 
 
 @settings(max_examples=50, deadline=None)
@@ -128,11 +142,15 @@ def test_verdict_rejects_bad_tables(levels, ranks, message):
 )
 def test_verdict_is_self_consistent(ranks):
     levels = tuple(float(i) for i in range(len(ranks)))
-    verdict = stratification_verdict(levels, ranks)
-    assert verdict.stratified == (verdict.n_strata >= 2)
-    assert 1 <= verdict.n_strata <= len(ranks)
+    bounds = np.full((len(ranks), 2), 6.0)
+    verdict = stratification_verdict(levels, ranks, bounds)
+    if verdict.verdict == "saturated":
+        assert verdict.n_unsaturated < 2
+        return
+    assert (verdict.verdict == "stratified") == (verdict.n_strata >= 2) == (verdict.rank_range > verdict.tau)
+    assert 1 <= verdict.n_strata <= verdict.n_unsaturated and verdict.tau >= 1.5
     if not math.isnan(verdict.transition_noise):
-        assert verdict.stratified and verdict.transition_noise > 0
+        assert verdict.verdict == "stratified" and verdict.transition_noise > 0
 
 
 # --- whole cells on planted data ---------------------------------------------------------------------
@@ -140,17 +158,57 @@ def test_verdict_is_self_consistent(ranks):
 
 def test_sae_like_relu_code_stratifies_under_noise():
     x, encode = planted_activations()
-    table = cell_ranks(x, full_mask(), encode)
+    table, bounds = cell_ranks(x, full_mask(), encode, bounds=True)
     np.testing.assert_array_equal(table, [[9, 9, 9], [18, 18, 18], [18, 18, 18]])
-    verdict = stratification_verdict(SIGMAS, table)
-    assert verdict.stratified and verdict.n_strata == 2 and verdict.transition_noise == 0.05
+    np.testing.assert_array_equal(bounds, np.full((3, 3), P * T))
+    verdict = stratification_verdict(SIGMAS, table, bounds)
+    assert verdict.verdict == "stratified" and verdict.n_strata == 2 and verdict.transition_noise == 0.05
+
+
+def topk(encode, k):
+    def encoded(tokens):
+        z = encode(tokens)
+        kth = -np.sort(-z, axis=1)[:, k - 1 : k]
+        return np.where(z >= kth, z, 0.0)
+    return encoded
+
+
+def test_planted_topk_code_with_more_tokens_than_active_latents_is_stratified():
+    x, encode = planted_activations()
+    table, bounds = cell_ranks(x, full_mask(), topk(encode, 9), bounds=True)
+    assert table[0].tolist() == [9, 9, 9] and (table[1:] == 18).all()  # 48 tokens > 18 active latents
+    assert stratification_verdict(SIGMAS, table, bounds).verdict == "stratified"
+
+
+def test_planted_topk_code_with_fewer_tokens_than_active_latents_is_saturated():
+    x, encode = planted_activations()
+    mask = np.zeros((P, T), dtype=bool)
+    mask[0, :6] = True  # 6 tokens, 2 per subspace: rank 6 = n_tokens at every σ
+    table, bounds = cell_ranks(x, mask, topk(encode, 9), bounds=True)
+    np.testing.assert_array_equal(table, np.full((3, 3), 6))
+    verdict = stratification_verdict(SIGMAS, table, bounds)
+    assert verdict.verdict == "saturated" and verdict.n_unsaturated == 0
+
+
+def test_affine_encoder_of_hyperplane_inputs_jumps_by_one_and_is_not_stratified():
+    # Post-LayerNorm residuals lie on an affine hyperplane: an affine encoder has linear rank D on
+    # them and D + 1 once noise leaves the plane — a one-off step, not stratification.
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((P * T, D))
+    x += (1.0 - x.sum(axis=1, keepdims=True)) / D  # every row on the plane sum(x) = 1
+    W, b = rng.standard_normal((24, D)), rng.standard_normal(24)
+    table, bounds = cell_ranks(x.reshape(P, T, D).astype(np.float32), full_mask(), lambda t: t @ W.T + b,
+                               bounds=True)
+    np.testing.assert_array_equal(table, [[D] * 3, [D + 1] * 3, [D + 1] * 3])
+    verdict = stratification_verdict(SIGMAS, table, bounds)
+    assert verdict.verdict == "not stratified" and verdict.rank_range == 1.0
 
 
 def test_resid_control_of_generic_tokens_is_full_and_constant():
     x = np.random.default_rng(1).standard_normal((P, T, D)).astype(np.float32)
-    table = cell_ranks(x, full_mask(), lambda tokens: tokens)
+    table, bounds = cell_ranks(x, full_mask(), lambda tokens: tokens, bounds=True)
     np.testing.assert_array_equal(table, np.full((3, 3), D))
-    assert not stratification_verdict(SIGMAS, table).stratified
+    assert stratification_verdict(SIGMAS, table, bounds).verdict == "not stratified"
 
 
 def test_dense_linear_control_is_full_and_constant():
@@ -177,7 +235,11 @@ def test_dead_latents_change_nothing_and_take_the_sparse_path():
     for sigma in SIGMAS:
         narrow = analyse_cell(x, full_mask(), encode, sigma, 1.0, seed=4)
         padded = analyse_cell(x, full_mask(), wide, sigma, 1.0, seed=4)
-        assert padded.ranks == narrow.ranks
+        # paper_float32's tolerance grows with K (all latents, dead ones included), by design.
+        for mode in padded.ranks:  # the sparse path sums in another order: round-off only
+            assert {k: v for k, v in padded.ranks[mode].items() if k != "paper_float32"} == pytest.approx(
+                {k: v for k, v in narrow.ranks[mode].items() if k != "paper_float32"}, rel=1e-12)
+            assert padded.ranks[mode]["paper_float32"] <= narrow.ranks[mode]["paper_float32"]
         np.testing.assert_allclose(
             padded.spectra["latent"].singular_values, narrow.spectra["latent"].singular_values
         )

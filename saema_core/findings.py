@@ -1,0 +1,206 @@
+"""Findings: the paper's three claims, read off the stored results with their caveats.
+
+One `Finding` per (claim, space) of a (model, hook): a verdict in plain words — `supported`,
+`not supported`, `not informative` (and why) or `not tested` — and the numbers it rests on. Every
+verdict is computed from the results; nothing here is written by hand.
+
+- **stratification** (claim 1): on the exact latent-mode rank (DESIGN.md §5.5). The SAE row is
+  supported when most informative concepts are stratified and no control is stratified where the SAE
+  is; a control row is supported when the control is never stratified. Saturated concepts are not
+  informative, and the SAE row says how far the rank tracks the active support (the deficit
+  n_active − rank), since growth of the support under noise is the plainest reason for a rank change.
+- **local_global** (claim 2): local intrinsic dimension up (TwoNN in the original space) and global
+  structure compressed (average geodesic distance down), each beyond the spread over UMAP seeds, in a
+  majority of the concepts that have clusters in both spaces. If the dense-AE control changes the
+  same way, the SAE row is not informative: the change is not specific to sparsity.
+- **separability** (claim 3): a significantly negative ΔSep–ΔMSE correlation of the optimised
+  interventions. When the random control with the same displacement correlates alike, the test cannot
+  separate separability from the size of the move (DESIGN.md §7 revision): not informative.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import xarray as xr
+
+CLAIMS = {
+    "stratification": "the exact latent-mode SSPD rank changes with noise (stratified) in SAE latents, "
+                      "not in the controls",
+    "local_global": "sparse encoding raises local intrinsic dimension and compresses the global arrangement "
+                    "(vs the residual stream)",
+    "separability": "making local representations more separable lowers the reconstruction error",
+}
+VERDICTS = ("supported", "not supported", "not informative", "not tested")
+MIN_CONCEPTS = 3  # concepts with evidence needed before a claim is read at all
+ALPHA = 0.05
+
+
+class Finding(NamedTuple):
+    claim: str
+    space: str
+    verdict: str
+    why: str
+    numbers: str
+
+
+def _median(values) -> float:
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    return float(np.median(values)) if values.size else float("nan")
+
+
+def _verdict_counts(ds: xr.Dataset, space: str) -> dict[str, list[str]]:
+    verdicts = ds["verdict"].sel(space=space, mode="latent")
+    out: dict[str, list[str]] = {"stratified": [], "not stratified": [], "saturated": []}
+    for concept, value in zip(verdicts.concept.values, verdicts.values):
+        if value in out:
+            out[value].append(str(concept))
+    return out
+
+
+def _counts_text(counts: dict[str, list[str]]) -> str:
+    return ", ".join(f"{k} {len(v)}" for k, v in counts.items())
+
+
+def _deficit_text(ds: xr.Dataset, concepts: list[str]) -> str:
+    """Median exact rank and deficit n_active − rank at σ = first and last unsaturated level."""
+    if not concepts:
+        return ""
+    cells = ds.sel(space="latent", mode="latent", concept=concepts)
+    exact = cells["rank"].sel(estimator="numerical").mean("replicate")
+    deficit = cells["deficit"].mean("replicate")
+    unsat = ~cells["saturated"].any("replicate")
+    first = [float(exact.sel(concept=c).where(unsat.sel(concept=c)).dropna("noise")[0]) for c in concepts]
+    last = [float(exact.sel(concept=c).where(unsat.sel(concept=c)).dropna("noise")[-1]) for c in concepts]
+    d0 = [float(deficit.sel(concept=c).where(unsat.sel(concept=c)).dropna("noise")[0]) for c in concepts]
+    d1 = [float(deficit.sel(concept=c).where(unsat.sel(concept=c)).dropna("noise")[-1]) for c in concepts]
+    return (f"; median exact rank {_median(first):g} → {_median(last):g} over the unsaturated σ, deficit "
+            f"n_active − rank {_median(d0):g} → {_median(d1):g} (a small deficit: the rank follows the "
+            f"active support as noise switches latents on)")
+
+
+def stratification_findings(ds: xr.Dataset) -> list[Finding]:
+    """Claim 1 per space, from the stratification group of one (model, hook)."""
+    spaces = [str(s) for s in ds.space.values]
+    counts = {s: _verdict_counts(ds, s) for s in spaces}
+    tokens = ds["n_analysed"].values
+    base = f"analysed tokens per concept {int(np.nanmin(tokens))}–{int(np.nanmax(tokens))}"
+    rows = []
+    for space in spaces:
+        c = counts[space]
+        informative = len(c["stratified"]) + len(c["not stratified"])
+        numbers = f"{_counts_text(c)} (latent mode, exact rank); {base}"
+        if informative == 0:
+            why = (f"saturated in all {len(c['saturated'])} concepts: the rank reaches the number of analysed "
+                   f"tokens at (almost) every σ" if c["saturated"] else "no concept computed")
+            rows.append(Finding("stratification", space, "not informative", why, numbers))
+        elif space == "latent":
+            rows.append(_sae_stratification(c, counts, informative, numbers + _deficit_text(ds, c["stratified"])))
+        else:
+            rows.append(_control_stratification(space, c, informative, numbers))
+    return rows
+
+
+def _sae_stratification(c: dict, counts: dict, informative: int, numbers: str) -> Finding:
+    faked = sorted({concept for space, other in counts.items() if space != "latent"
+                    for concept in other["stratified"]} & set(c["stratified"]))
+    if faked:
+        return Finding("stratification", "latent", "not informative",
+                       f"a control is stratified too in {', '.join(faked)}: there the verdict cannot tell the "
+                       f"SAE from its control", numbers)
+    saturated = f"; {len(c['saturated'])} concept(s) saturated and left out" if c["saturated"] else ""
+    if len(c["stratified"]) * 2 > informative:
+        return Finding("stratification", "latent", "supported",
+                       f"stratified in {len(c['stratified'])} of {informative} informative concepts, no control "
+                       f"stratified there{saturated}", numbers)
+    return Finding("stratification", "latent", "not supported",
+                   f"stratified in only {len(c['stratified'])} of {informative} informative concepts{saturated}",
+                   numbers)
+
+
+def _control_stratification(space: str, c: dict, informative: int, numbers: str) -> Finding:
+    if c["stratified"]:
+        return Finding("stratification", space, "not supported",
+                       f"the control is stratified in {', '.join(c['stratified'])}", numbers)
+    return Finding("stratification", space, "supported",
+                   f"the control is not stratified in any of {informative} informative concepts, as the claim "
+                   f"requires", numbers)
+
+
+def _beyond_spread(a: xr.DataArray, b: xr.DataArray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per concept: a's seeds all above b's (up), all below (down), and both defined (valid)."""
+    valid = (a.notnull().any("seed") & b.notnull().any("seed")).values
+    up = (a.min("seed") > b.max("seed")).values & valid
+    down = (a.max("seed") < b.min("seed")).values & valid
+    return up, down, valid
+
+
+def _structure_row(ds: xr.Dataset, space: str) -> tuple[Finding, bool]:
+    dim, agd = ds["avg_intrinsic_dim_original"], ds["agd"]
+    up, _, valid_dim = _beyond_spread(dim.sel(space=space), dim.sel(space="resid"))
+    _, down, valid_agd = _beyond_spread(agd.sel(space=space), agd.sel(space="resid"))
+    n = int(valid_dim.sum())
+    ari = ds["ari_token"].sel(space=space) if "ari_token" in ds else None
+    ari_text = f"; clusters vs the word itself: median ARI {_median(ari.values):.2f}" if ari is not None else ""
+    numbers = (f"TwoNN dim (original space) up beyond the seed spread in {int(up.sum())} of {n}, "
+               f"average geodesic distance down in {int(down.sum())} of {int(valid_agd.sum())} concepts; "
+               f"median dim {_median(dim.sel(space=space).mean('seed').values):.2f} vs resid "
+               f"{_median(dim.sel(space='resid').mean('seed').values):.2f}{ari_text}")
+    if n < MIN_CONCEPTS:
+        return Finding("local_global", space, "not informative",
+                       f"only {n} concept(s) have clusters in both spaces (need {MIN_CONCEPTS})", numbers), False
+    both = up.sum() * 2 > n and down.sum() * 2 > int(valid_agd.sum())
+    verdict = "supported" if both else "not supported"
+    why = ("local dimension up and global arrangement compressed in a majority of concepts" if both else
+           "not both in a majority of concepts")
+    return Finding("local_global", space, verdict, why, numbers), bool(both)
+
+
+def structure_findings(ds: xr.Dataset) -> list[Finding]:
+    """Claim 2 for latent (and dense_ae as the control), each against resid."""
+    spaces = [s for s in ("latent", "dense_ae") if s in ds.space.values]
+    rows = {space: _structure_row(ds, space) for space in spaces}
+    if "latent" in rows and rows.get("dense_ae", (None, False))[1] and rows["latent"][1]:
+        f = rows["latent"][0]
+        rows["latent"] = (f._replace(verdict="not informative",
+                                     why="the dense-AE control changes the same way: not specific to sparsity"), True)
+    return [rows[s][0] for s in spaces]
+
+
+def _control_alike(r_opt: float, p_opt: float, r_ctl: float, p_ctl: float) -> bool:
+    same_sign_significant = p_opt < ALPHA and p_ctl < ALPHA and np.sign(r_opt) == np.sign(r_ctl)
+    return bool(same_sign_significant or abs(r_opt - r_ctl) < 0.2)
+
+
+def separability_findings(ds: xr.Dataset) -> list[Finding]:
+    """Claim 3 from the intervention group of one (model, hook)."""
+    r, p = ds["pearson_r"], ds["pearson_p"]
+    r_opt, p_opt = r.sel(intervention="optimised").values.ravel(), p.sel(intervention="optimised").values.ravel()
+    r_ctl, p_ctl = r.sel(intervention="control").values.ravel(), p.sel(intervention="control").values.ravel()
+    tested = np.isfinite(r_opt) & np.isfinite(r_ctl)
+    n = int(tested.sum())
+    if n == 0:
+        reasons = sorted({str(s) for s in ds["skipped"].values.ravel() if s})
+        return [Finding("separability", "latent", "not tested",
+                        "no (concept, objective) cell was run" + (f": {reasons[0]}" if reasons else ""), "")]
+    alike = np.array([_control_alike(*v) for v in zip(r_opt[tested], p_opt[tested], r_ctl[tested], p_ctl[tested])])
+    negative = (r_opt[tested] < 0) & (p_opt[tested] < ALPHA)
+    numbers = (f"{n} (concept, objective) cells; optimised median r {_median(r_opt):+.2f}, random control "
+               f"median r {_median(r_ctl):+.2f}; significantly negative in {int(negative.sum())}, "
+               f"control-alike in {int(alike.sum())}")
+    if alike.sum() * 2 > n:
+        return [Finding("separability", "latent", "not informative",
+                        "the random control with the same displacement correlates alike: a fixed-decoder "
+                        "intervention cannot separate separability from the size of the move "
+                        "(DESIGN.md §7); the training-time test is needed", numbers)]
+    if negative.sum() * 2 > n:
+        return [Finding("separability", "latent", "supported",
+                        "ΔSep and ΔMSE correlate significantly negatively, unlike the control", numbers)]
+    return [Finding("separability", "latent", "not supported",
+                    "no significantly negative ΔSep–ΔMSE correlation in a majority of cells", numbers)]
+
+
+def not_tested(claim: str, why: str) -> Finding:
+    return Finding(claim, "latent", "not tested", why, "")

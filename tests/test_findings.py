@@ -1,0 +1,123 @@
+"""Findings: each claim's verdict is computed from the results and can come out every way."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from flows.config import StratifyConfig
+from flows.findings import claim_findings, findings_dataset
+from flows.stratify import _cells, stratification_dataset
+from saema_core.findings import separability_findings, stratification_findings, structure_findings
+from saema_core.ranks import ESTIMATORS, MODES
+from saema_core.structure_metrics import identity_agreement
+
+HOOK = "blocks.3.hook_resid_post"
+CFG = StratifyConfig(noise_levels=(0.0, 0.1, 1.0), replicates=2)
+CONCEPTS = ["months", "days", "planets"]
+
+
+def _result(levels, bound=50.0, active=40.0):
+    noise, reps = len(CFG.noise_levels), CFG.replicates
+    rank = np.broadcast_to(np.asarray(levels, float)[:, None, None, None],
+                           (noise, reps, len(MODES), len(ESTIMATORS))).copy()
+    counts = np.ones((noise, reps, len(MODES)))
+    return {"rank": rank, "n_active": active * counts, "n_tokens": bound * counts, "rank_bound": bound * counts,
+            "ceiling": 64.0 * counts, "scale": 1.0, "signal_rms": 0.5, "n_analysed": int(bound)}
+
+
+def _stratification(ranks_by_space: dict[str, list], bound=50.0) -> xr.Dataset:
+    cells = _cells([HOOK], CONCEPTS, CFG.spaces)
+    results = [_result(ranks_by_space[space], bound) for _, _, space in cells]
+    return stratification_dataset("m", cells, results, CFG, [HOOK], CONCEPTS).sel(model="m", hook=HOOK)
+
+
+def _by_space(findings):
+    return {f.space: f for f in findings}
+
+
+def test_sae_stratified_and_controls_flat_is_supported():
+    ds = _stratification({"latent": [10, 20, 30], "resid": [8, 8, 8], "dense_ae": [8, 9, 9]})
+    rows = _by_space(stratification_findings(ds))
+    assert rows["latent"].verdict == "supported" and "3 of 3" in rows["latent"].why
+    assert rows["resid"].verdict == rows["dense_ae"].verdict == "supported"
+    assert "deficit" in rows["latent"].numbers
+
+
+def test_a_stratified_control_makes_the_sae_verdict_not_informative():
+    ds = _stratification({"latent": [10, 20, 30], "resid": [8, 12, 16], "dense_ae": [8, 8, 8]})
+    rows = _by_space(stratification_findings(ds))
+    assert rows["latent"].verdict == "not informative" and "control is stratified too" in rows["latent"].why
+    assert rows["resid"].verdict == "not supported"
+
+
+def test_flat_sae_is_not_supported_and_saturation_is_not_informative():
+    rows = _by_space(stratification_findings(_stratification({s: [8, 8, 8] for s in CFG.spaces})))
+    assert rows["latent"].verdict == "not supported"
+    rows = _by_space(stratification_findings(_stratification({s: [50, 50, 50] for s in CFG.spaces})))
+    assert {f.verdict for f in rows.values()} == {"not informative"} and "saturated in all 3" in rows["latent"].why
+
+
+def _structure(dim_latent, agd_latent, dim_dense=1.0, agd_dense=5.0) -> xr.Dataset:
+    seeds = [42, 43, 44]
+    spaces = ["resid", "latent", "dense_ae"]
+    dims = ("concept", "space", "seed")
+    jitter = np.array([0.0, 0.01, -0.01])
+    dim = np.stack([np.stack([np.full(3, v) + jitter for v in (1.0, dim_latent, dim_dense)])] * len(CONCEPTS))
+    agd = np.stack([np.stack([np.full(3, v) + jitter for v in (5.0, agd_latent, agd_dense)])] * len(CONCEPTS))
+    return xr.Dataset({"avg_intrinsic_dim_original": (dims, dim), "agd": (dims, agd),
+                       "ari_token": (dims, np.full(dim.shape, 0.8))},
+                      coords={"concept": CONCEPTS, "space": spaces, "seed": seeds})
+
+
+def test_local_dimension_up_and_global_compressed():
+    rows = _by_space(structure_findings(_structure(3.0, 2.0)))
+    assert rows["latent"].verdict == "supported" and rows["dense_ae"].verdict == "not supported"
+    assert "ARI 0.80" in rows["latent"].numbers
+    assert _by_space(structure_findings(_structure(1.0, 2.0)))["latent"].verdict == "not supported"
+    same = _by_space(structure_findings(_structure(3.0, 2.0, dim_dense=3.0, agd_dense=2.0)))
+    assert same["latent"].verdict == "not informative" and "dense-AE control" in same["latent"].why
+    nan = _structure(3.0, 2.0)
+    nan["avg_intrinsic_dim_original"][:] = np.nan
+    assert _by_space(structure_findings(nan))["latent"].verdict == "not informative"
+
+
+def _intervention(r_opt, p_opt, r_ctl, p_ctl) -> xr.Dataset:
+    dims = ("concept", "objective", "intervention")
+    shape = (len(CONCEPTS), 1, 2)
+    r = np.broadcast_to(np.array([r_opt, r_ctl]), shape).copy()
+    p = np.broadcast_to(np.array([p_opt, p_ctl]), shape).copy()
+    return xr.Dataset({"pearson_r": (dims, r), "pearson_p": (dims, p),
+                       "skipped": (dims[:2], np.full(shape[:2], "", dtype=object))},
+                      coords={"concept": CONCEPTS, "objective": ["aedp"], "intervention": ["optimised", "control"]})
+
+
+@pytest.mark.parametrize("values,verdict", [
+    ((0.99, 1e-6, 0.98, 1e-6), "not informative"),   # the random control correlates alike
+    ((-0.9, 1e-4, 0.1, 0.7), "supported"),
+    ((0.9, 1e-4, -0.2, 0.6), "not supported"),
+])
+def test_separability_verdicts(values, verdict):
+    row, = separability_findings(_intervention(*values))
+    assert row.verdict == verdict
+
+
+def test_missing_groups_are_not_tested_and_the_dataset_holds_every_row():
+    ds = _stratification({"latent": [10, 20, 30], "resid": [8, 8, 8], "dense_ae": [8, 8, 8]})
+    groups = {"stratification": ds.expand_dims(model=["m"], hook=[HOOK]), "structure": None, "intervention": None}
+    rows = claim_findings(groups, "m", HOOK)
+    assert [(f.claim, f.verdict) for f in rows if f.verdict == "not tested"] == [
+        ("local_global", "not tested"), ("separability", "not tested")]
+    out = findings_dataset({("m", HOOK): rows})
+    assert out["verdict"].sel(model="m", hook=HOOK, claim="stratification", space="latent").item() == "supported"
+    assert set(out["verdict"].values.ravel()) <= {"", "supported", "not supported", "not informative", "not tested"}
+
+
+def test_identity_agreement():
+    labels = np.array([0, 0, 1, 1, -1, 2, 2])
+    assert identity_agreement(labels, np.array(list("aabbxcc"))) == pytest.approx(1.0)
+    assert identity_agreement(labels, np.array(list("abababa"))) < 0.2
+    assert np.isnan(identity_agreement(np.array([0, 0, -1]), np.array(list("abc"))))
+    with pytest.raises(ValueError, match="same tokens"):
+        identity_agreement(labels, np.array(list("ab")))
