@@ -181,6 +181,8 @@ class StructureStageConfig:
     """UMAP minimum distance (the paper's)."""
     min_cluster_size: int = 10
     """HDBSCAN minimum cluster size (the paper's)."""
+    n_epochs: int = 200
+    """UMAP optimisation epochs (UMAP's own choice for large data; see saema_core.structure)."""
 
     def __post_init__(self) -> None:
         if not self.seeds:
@@ -195,7 +197,8 @@ class StructureStageConfig:
         from saema_core.structure import StructureConfig
 
         return StructureConfig(n_components=self.n_components, n_neighbors=self.n_neighbors,
-                               min_dist=self.min_dist, min_cluster_size=self.min_cluster_size)
+                               min_dist=self.min_dist, min_cluster_size=self.min_cluster_size,
+                               n_epochs=self.n_epochs)
 
 
 @dataclass(frozen=True)
@@ -219,10 +222,21 @@ class InterventionStageConfig:
     n_boot: int = 2000
     """Bootstrap resamples of the correlation CIs."""
     seed: int = 0
-    """Seeds the random controls, the GW subsample and the bootstrap."""
+    """Seeds the random controls, the GW subsample, the token sample and the bootstrap."""
+    max_clusters: int = 5
+    """Intervene on the largest latent clusters only (bounds the cost: GW compares every pair)."""
+    max_cluster_tokens: int = 32
+    """At most this many tokens per cluster (seeded sample): a step moves n × K latents."""
+
+    def sample(self) -> tuple[int, int, int]:
+        return (self.max_clusters, self.max_cluster_tokens, self.seed)
 
     def __post_init__(self) -> None:
         from saema_core.intervention import InterventionConfig
+
+        if self.max_clusters < 2 or self.max_cluster_tokens < 2:
+            raise ValueError(f"max_clusters and max_cluster_tokens must be ≥ 2, got {self.max_clusters} and "
+                             f"{self.max_cluster_tokens}")
 
         for objective in self.objectives:
             InterventionConfig(objective=objective, lam=self.lam, steps=self.steps, lr=self.lr)

@@ -39,7 +39,8 @@ def intervention_calls(out: str, model_name: str, cells, sae_refs: list[SAERef],
                                   clamp_nonnegative=cfg.clamp, seed=cfg.seed)
         calls.append({"out": out, "model_name": model_name, "hook": hook, "concept": concept, "sae_path": sae.path,
                       "sae_id": sae.sae_id, "seed": structure_seed, "base": base, "direction": direction,
-                      "alpha": alpha, "control_seed": cfg.seed + i, "content": fingerprints[hook, concept]})
+                      "alpha": alpha, "control_seed": cfg.seed + i, "content": fingerprints[hook, concept],
+                      "sample": cfg.sample()})
     return calls
 
 

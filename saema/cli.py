@@ -149,11 +149,13 @@ def _add_structure_options(parser: argparse.ArgumentParser) -> None:
                        help="HDBSCAN minimum cluster size (default: %(default)s)")
     group.add_argument("--n-neighbors", type=int, default=defaults.n_neighbors,
                        help="UMAP neighbours (default: %(default)s)")
+    group.add_argument("--umap-epochs", type=int, default=defaults.n_epochs,
+                       help="UMAP optimisation epochs (default: %(default)s)")
 
 
 def structure_config(args: argparse.Namespace) -> StructureStageConfig:
     return StructureStageConfig(seeds=tuple(args.umap_seeds), min_cluster_size=args.min_cluster_size,
-                                n_neighbors=args.n_neighbors)
+                                n_neighbors=args.n_neighbors, n_epochs=args.umap_epochs)
 
 
 def _add_intervention_options(parser: argparse.ArgumentParser) -> None:

@@ -64,21 +64,32 @@ def _counts_text(counts: dict[str, list[str]]) -> str:
     return ", ".join(f"{k} {len(v)}" for k, v in counts.items())
 
 
-def _deficit_text(ds: xr.Dataset, concepts: list[str]) -> str:
-    """Median exact rank and deficit n_active − rank at σ = first and last unsaturated level."""
+def _first_last_unsaturated(values: xr.DataArray, unsaturated: xr.DataArray) -> tuple[float, float]:
+    kept = values.where(unsaturated).dropna("noise")
+    return float(kept[0]), float(kept[-1])
+
+
+def _support_growth(ds: xr.Dataset, concepts: list[str]) -> tuple[str, str]:
+    """(numbers, caveat): median exact rank and deficit n_active − rank at the first and last
+    unsaturated σ of the stratified concepts, and whether the rank follows the active support."""
     if not concepts:
-        return ""
+        return "", ""
     cells = ds.sel(space="latent", mode="latent", concept=concepts)
     exact = cells["rank"].sel(estimator="numerical").mean("replicate")
-    deficit = cells["deficit"].mean("replicate")
+    deficit, active = cells["deficit"].mean("replicate"), cells["n_active"].mean("replicate")
     unsat = ~cells["saturated"].any("replicate")
-    first = [float(exact.sel(concept=c).where(unsat.sel(concept=c)).dropna("noise")[0]) for c in concepts]
-    last = [float(exact.sel(concept=c).where(unsat.sel(concept=c)).dropna("noise")[-1]) for c in concepts]
-    d0 = [float(deficit.sel(concept=c).where(unsat.sel(concept=c)).dropna("noise")[0]) for c in concepts]
-    d1 = [float(deficit.sel(concept=c).where(unsat.sel(concept=c)).dropna("noise")[-1]) for c in concepts]
-    return (f"; median exact rank {_median(first):g} → {_median(last):g} over the unsaturated σ, deficit "
-            f"n_active − rank {_median(d0):g} → {_median(d1):g} (a small deficit: the rank follows the "
-            f"active support as noise switches latents on)")
+    ranks = [_first_last_unsaturated(exact.sel(concept=c), unsat.sel(concept=c)) for c in concepts]
+    deficits = [_first_last_unsaturated(deficit.sel(concept=c), unsat.sel(concept=c)) for c in concepts]
+    share = _median([d[0] / _first_last_unsaturated(active.sel(concept=c), unsat.sel(concept=c))[0]
+                     for d, c in zip(deficits, concepts)])
+    numbers = (f"; median exact rank {_median([r[0] for r in ranks]):g} → {_median([r[1] for r in ranks]):g} "
+               f"over the unsaturated σ, deficit n_active − rank {_median([d[0] for d in deficits]):g} → "
+               f"{_median([d[1] for d in deficits]):g}")
+    caveat = (f"; caveat: the rank follows the active support that noise switches on (deficit {share:.0%} of "
+              f"the active latents at the lowest σ)" if share < 0.1 else
+              f"; the rank sits below the active support (deficit {share:.0%} of the active latents at the "
+              f"lowest σ), a genuine rank deficit")
+    return numbers, caveat
 
 
 def stratification_findings(ds: xr.Dataset) -> list[Finding]:
@@ -97,7 +108,9 @@ def stratification_findings(ds: xr.Dataset) -> list[Finding]:
                    f"tokens at (almost) every σ" if c["saturated"] else "no concept computed")
             rows.append(Finding("stratification", space, "not informative", why, numbers))
         elif space == "latent":
-            rows.append(_sae_stratification(c, counts, informative, numbers + _deficit_text(ds, c["stratified"])))
+            extra, caveat = _support_growth(ds, c["stratified"])
+            finding = _sae_stratification(c, counts, informative, numbers + extra)
+            rows.append(finding._replace(why=finding.why + caveat) if finding.verdict == "supported" else finding)
         else:
             rows.append(_control_stratification(space, c, informative, numbers))
     return rows

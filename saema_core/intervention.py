@@ -327,6 +327,24 @@ def _trajectory(
 # ----------------------------------------------------------------------------- interventions
 
 
+def bounded_sample(labels: np.ndarray, max_clusters: int, max_per_cluster: int, seed: int) -> np.ndarray:
+    """Sorted token indices of the `max_clusters` largest clusters (ties: the lower label), at most
+    `max_per_cluster` tokens of each drawn without replacement from `seed`; noise (−1) left out.
+
+    Bounds an intervention cell's cost whatever the concept's size: every step moves n × K latents,
+    and GW compares every pair of clusters."""
+    labels = np.asarray(labels)
+    ids, counts = np.unique(labels[labels >= 0], return_counts=True)
+    largest = ids[np.lexsort((ids, -counts))][:max_clusters]
+    rng = np.random.default_rng(seed)
+    picked = []
+    for cluster in largest:
+        members = np.flatnonzero(labels == cluster)
+        picked.append(members if members.size <= max_per_cluster
+                      else rng.choice(members, max_per_cluster, replace=False))
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+
+
 def optimise_intervention(
     latents: torch.Tensor,
     labels: np.ndarray | torch.Tensor | Sequence[int],

@@ -47,6 +47,7 @@ from __future__ import annotations
 from typing import Literal, NamedTuple
 
 import numpy as np
+import scipy.linalg
 import scipy.sparse as sp
 import scipy.stats
 from scipy.sparse.csgraph import connected_components
@@ -176,6 +177,15 @@ def latent_code_from_tokens(latents: np.ndarray, mask: np.ndarray) -> LatentCode
     return LatentCode(_compact(latents), (mask.shape[0], mask.shape[1], latents.shape[1]), rows)
 
 
+def _eigvalsh(S: np.ndarray) -> np.ndarray:
+    """Ascending eigenvalues of a symmetric matrix: LAPACK dsyevr (all eigenvalues, no vectors),
+    measured 1.7× faster than `numpy.linalg.eigvalsh` (dsyevd) at n = 2 000–3 000; both are
+    backward stable to O(n·eps·λ_max), well inside the `numerical` tolerance."""
+    if S.size == 0:
+        return np.zeros(0)
+    return scipy.linalg.eigh(S, eigvals_only=True, driver="evr", check_finite=False)
+
+
 def _gram_rows(tokens: np.ndarray | sp.csr_array) -> np.ndarray:
     """tokens · tokensᵀ, dense float64."""
     if sp.issparse(tokens):
@@ -238,8 +248,8 @@ def _block_eigenvalues(S: np.ndarray) -> np.ndarray:
         return np.zeros(0)
     n_blocks, labels = connected_components(sp.csr_array(S != 0), directed=False)
     if n_blocks == 1:
-        return np.linalg.eigvalsh(S)
-    return np.concatenate([np.linalg.eigvalsh(S[np.ix_(m, m)]) for m in
+        return _eigvalsh(S)
+    return np.concatenate([_eigvalsh(S[np.ix_(m, m)]) for m in
                            (np.flatnonzero(labels == b) for b in range(n_blocks))])
 
 
@@ -260,7 +270,7 @@ def _mode_eigenvalues(code: LatentCode, mode: Mode) -> tuple[np.ndarray, int]:
     S itself, built from same-position / same-prompt token pairs, never from the unfolding."""
     if mode == "latent":
         active = _active_block(code.tokens)
-        eigenvalues = np.linalg.eigvalsh(_smaller_gram(active))
+        eigenvalues = _eigvalsh(_smaller_gram(active))
         n_rows = active.shape[0]
     else:
         P, T, _ = code.shape
@@ -333,7 +343,7 @@ def _affine_latent_eigenvalues(affine: AffineMap) -> np.ndarray:
     lifted = np.hstack([inputs, np.ones((inputs.shape[0], 1))])
     R = np.linalg.qr(lifted, mode="r")
     M = np.vstack([np.asarray(affine.weight, np.float64), np.asarray(affine.bias, np.float64)[None]])
-    return np.clip(np.linalg.eigvalsh(_smaller_gram(R @ M))[::-1], 0.0, None)
+    return np.clip(_eigvalsh(_smaller_gram(R @ M))[::-1], 0.0, None)
 
 
 def sspd_spectrum(Z: np.ndarray | LatentCode, mode: Mode, affine: AffineMap | None = None) -> SpectrumResult:

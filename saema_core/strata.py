@@ -6,7 +6,8 @@ support sizes, and compare each token's support with its own support at σ = 0.
 
 Supports are kept as sorted index sets in CSR form (`indptr`, `indices`), never as dense K-wide boolean
 rows: distinct supports are counted by hashing each index set's bytes, and per-token intersections come
-from one sorted intersection of (token·K + latent) keys, O(nnz log nnz) whatever K is.
+from the (token·K + latent) keys — a boolean table of them when n·K is small, else one sorted
+intersection, O(nnz log nnz) whatever K is.
 """
 
 from __future__ import annotations
@@ -76,10 +77,22 @@ def _token_keys(supports: Supports) -> np.ndarray:
     return rows * supports.n_latents + supports.indices
 
 
+# Up to this many (token, latent) cells, intersections use a boolean table of the reference's keys
+# (O(nnz)); a dense code has n·K keys, where the sorted intersection cost more than the rest of a cell.
+_TABLE_CELLS = 2**26
+
+
 def intersection_sizes(supports: Supports, reference: Supports) -> np.ndarray:
     """`(n,)` |support_i ∩ reference_i| for row-aligned supports of the same n tokens and K latents."""
-    common = np.intersect1d(_token_keys(supports), _token_keys(reference), assume_unique=True)
-    return np.bincount(common // supports.n_latents, minlength=len(supports.indptr) - 1)
+    n = len(supports.indptr) - 1
+    keys, reference_keys = _token_keys(supports), _token_keys(reference)
+    if n * supports.n_latents <= _TABLE_CELLS:
+        table = np.zeros(n * supports.n_latents, dtype=bool)
+        table[reference_keys] = True
+        common = keys[table[keys]]
+    else:
+        common = np.intersect1d(keys, reference_keys, assume_unique=True)
+    return np.bincount(common // supports.n_latents, minlength=n)
 
 
 def _check_aligned(supports: Supports, reference: Supports) -> None:

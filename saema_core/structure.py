@@ -79,6 +79,11 @@ class StructureConfig:
     """UMAP input metric: 'euclidean' or 'cosine' (same neighbours after L2 normalisation)."""
     random_state: int = 42
     """Default UMAP seed; the caller runs 42, 43, 44 and reports the spread."""
+    n_epochs: int = 200
+    """UMAP optimisation epochs: UMAP's own choice above 10 000 points (it takes 500 below). Measured
+    on 1 400–2 000 concept tokens, 500 epochs took 2.2× longer for the same clusters (count, TwoNN
+    dimension and ARI against the token within the seed spread); the average geodesic distance in
+    UMAP space varies between seeds by as much at either setting."""
     min_cluster_size: int = 10
     """HDBSCAN minimum cluster size."""
     agd_k: int = 15
@@ -89,7 +94,7 @@ class StructureConfig:
     """Fraction of the largest TwoNN ratios discarded before the fit (Facco et al. 2017)."""
 
     def __post_init__(self) -> None:
-        for name in ("n_components", "agd_k", "agd_max_sources"):
+        for name in ("n_components", "agd_k", "agd_max_sources", "n_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"StructureConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("n_neighbors", "min_cluster_size"):
@@ -211,6 +216,7 @@ def embed_umap(
         n_neighbors=n_neighbors,
         min_dist=cfg.min_dist,
         metric=cfg.metric,
+        n_epochs=cfg.n_epochs,
         random_state=seed,
         **extra,
     )

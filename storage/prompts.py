@@ -122,7 +122,10 @@ AMBIGUOUS_ITEMS = {
 
 BUILTIN_CONCEPTS: tuple[str, ...] = tuple(_ITEMS)
 MIN_PROMPTS = 35
-TEMPLATE_TARGET_WORDS = 1100  # analysed words per template concept (≥ the 1 000-token floor)
+# Analysed words per template concept (each word is ≥ 1 token). 1 100 words (~1 150–1 380 MiniLM
+# tokens) left the SAE's latent-mode rank on the token bound for days, phonetic and zodiac: at
+# 1 500 (~1 550–1 950 tokens) every template concept has ≥ 3 unsaturated σ levels.
+TEMPLATE_TARGET_WORDS = 1500
 AMBIGUOUS_TEMPLATE_PROMPTS = 12  # template prompts per ambiguous item of a corpus-sourced concept
 
 # Function words and punctuation masked in every concept, on top of its own filler list.

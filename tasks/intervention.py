@@ -11,7 +11,7 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from saema_core.intervention import InterventionConfig, optimise_intervention, random_control
+from saema_core.intervention import InterventionConfig, bounded_sample, optimise_intervention, random_control
 from storage import activation_store as store
 from storage import latent_store
 from storage.results import read_group
@@ -43,17 +43,21 @@ def inputs_fingerprint(out: str, model_name: str, hook: str, concept: str, sae_i
 
 @functools.lru_cache(maxsize=8)
 def cell_inputs(out: str, model_name: str, hook: str, concept: str, sae_path: str, sae_id: str,
-                seed: int, content: str = "") -> tuple[torch.Tensor, np.ndarray, torch.Tensor, object]:
-    """Latents Z, structure-stage cluster labels (latent space), residuals x and the SAE.
+                seed: int, content: str = "", sample: tuple[int, int, int] | None = None,
+                ) -> tuple[torch.Tensor, np.ndarray, torch.Tensor, object]:
+    """Latents Z, structure-stage cluster labels (latent space), residuals x and the SAE, restricted to
+    `bounded_sample(labels, *sample)` (max clusters, max tokens per cluster, seed) when given.
 
     Cached per worker process; `content` is part of the key so a long-lived worker never reuses the
     inputs of an earlier run."""
     acts = store.open_activations(store.activation_store_url(out, model_name), hook, concept)
-    x = torch.from_numpy(np.ascontiguousarray(acts.resid.values[acts["mask"].values]))
+    x = np.ascontiguousarray(acts.resid.values[acts["mask"].values])
     csr, _ = latent_store.read_latents(latent_store.latent_store_url(out, model_name),
                                        latent_store.latent_group(concept, hook, sae_id))
-    labels = structure_labels(out, model_name, hook, concept, seed)[: x.shape[0]]
-    return torch.from_numpy(csr.toarray().astype(np.float32)), labels.astype(np.int64), x, load_sae(sae_path)
+    labels = np.nan_to_num(structure_labels(out, model_name, hook, concept, seed)[: x.shape[0]], nan=-1)
+    keep = bounded_sample(labels, *sample) if sample else np.arange(x.shape[0])
+    z = torch.from_numpy(csr[keep].toarray().astype(np.float32))
+    return z, labels[keep].astype(np.int64), torch.from_numpy(x[keep]), load_sae(sae_path)
 
 
 def n_clusters(labels: np.ndarray) -> int:
@@ -69,17 +73,18 @@ def _trajectory(t) -> dict:
       cache_policy=NO_CACHE, retries=1)
 def intervention_cell(out: str, model_name: str, hook: str, concept: str, sae_path: str, sae_id: str,
                       seed: int, base: InterventionConfig, direction: int, alpha: float,
-                      control_seed: int, content: str = "") -> dict:
+                      control_seed: int, content: str = "", sample: tuple[int, int, int] | None = None) -> dict:
     """Optimise Δ for one (direction, α) and evaluate a random control of equal displacement.
 
     `content` fingerprints what the cell reads (part of the cache key, see tasks/caching.py)."""
     keep_freed_memory()
     with pinned_threads(1):
-        z, labels, x, sae = cell_inputs(out, model_name, hook, concept, sae_path, sae_id, seed, content)
+        z, labels, x, sae = cell_inputs(out, model_name, hook, concept, sae_path, sae_id, seed, content, sample)
         if n_clusters(labels) < 2:
             return {"skipped": f"{n_clusters(labels)} cluster(s) in latent space; the intervention needs ≥ 2"}
         config = replace(base, direction=direction, alpha=alpha)
         optimised = optimise_intervention(z, labels, sae.decode, x, config)
         control = random_control(z, labels, sae.decode, x, config, float(optimised.displacement_norm[-1]),
                                  control_seed)
-    return {"skipped": "", "optimised": _trajectory(optimised), "control": _trajectory(control)}
+    return {"skipped": "", "optimised": _trajectory(optimised), "control": _trajectory(control),
+            "n_tokens": int(z.shape[0]), "n_clusters": n_clusters(labels)}

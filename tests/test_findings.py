@@ -42,7 +42,7 @@ def test_sae_stratified_and_controls_flat_is_supported():
     rows = _by_space(stratification_findings(ds))
     assert rows["latent"].verdict == "supported" and "3 of 3" in rows["latent"].why
     assert rows["resid"].verdict == rows["dense_ae"].verdict == "supported"
-    assert "deficit" in rows["latent"].numbers
+    assert "deficit" in rows["latent"].numbers and "genuine rank deficit" in rows["latent"].why
 
 
 def test_a_stratified_control_makes_the_sae_verdict_not_informative():

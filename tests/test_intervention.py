@@ -372,3 +372,18 @@ def test_decoder_without_declared_width_is_probed():
         optimise_intervention(latents, labels, lambda z: z @ w.T, target, build_config())
     with pytest.raises(ValueError, match=r"\(1, 3\).*expected \(1, 6\)"):
         optimise_intervention(latents, labels, lambda z: z[:, :3], target, build_config())
+
+
+def test_bounded_sample_keeps_the_largest_clusters_and_caps_their_tokens():
+    from saema_core.intervention import bounded_sample
+
+    labels = np.array([0] * 50 + [1] * 5 + [2] * 20 + [-1] * 30 + [3] * 20)
+    keep = bounded_sample(labels, max_clusters=3, max_per_cluster=10, seed=0)
+    assert sorted(set(labels[keep].tolist())) == [0, 2, 3]  # the largest; 2 beats 3 on the tie
+    assert np.bincount(labels[keep]).tolist() == [10, 0, 10, 10]
+    assert np.all(np.diff(keep) > 0)
+    np.testing.assert_array_equal(keep, bounded_sample(labels, 3, 10, seed=0))  # seeded
+    assert not np.array_equal(keep, bounded_sample(labels, 3, 10, seed=1))
+    small = bounded_sample(labels, max_clusters=10, max_per_cluster=100, seed=0)
+    np.testing.assert_array_equal(small, np.flatnonzero(labels >= 0))  # noise left out, nothing capped
+    assert bounded_sample(np.full(5, -1), 3, 10, seed=0).size == 0

@@ -65,7 +65,16 @@ def test_stratification_results_and_verdicts(pipeline_run):
     # The residual control: with noise the rank is the full width.
     resid = rank.sel(space="resid", noise=1.0)
     assert (resid == 32).all()
-    assert ds["stratified"].dtype == bool and "transition_noise" in ds
+    verdicts = set(ds["verdict"].values.ravel().tolist())
+    assert verdicts <= {"stratified", "not stratified", "saturated"} and "transition_noise" in ds
+    assert (ds["verdict"].sel(space="resid", mode="latent") != "stratified").all()
+    assert set(ds["concept_source"].values.ravel()) == {"templates"} and (ds["n_analysed"] >= 1000).all()
+    findings = read_group(out, "findings")
+    assert set(findings.claim.values) == {"stratification", "local_global", "separability"}
+    assert set(findings["verdict"].values.ravel()) <= {"", "supported", "not supported", "not informative",
+                                                      "not tested"}
+    structure = read_group(out, "structure")
+    assert {"ari_item", "ari_token", "ari_sentence", "token_item", "token_sentence"} <= set(structure.data_vars)
     strata = read_group(out, "strata")
     assert float(strata["mean_jaccard"].sel(noise=0.0, space="latent").min()) == 1.0
 

@@ -83,3 +83,17 @@ def test_support_strata_equal_naive_set_computation(n, K, seed):
     assert result.mean_jaccard == pytest.approx(np.mean(jaccard))
     assert result.fraction_changed == pytest.approx(np.mean([a != b for a, b in zip(sets, sets0)]))
     np.testing.assert_array_equal(result.size_histogram, np.bincount([len(a) for a in sets]))
+
+
+def test_intersections_by_table_and_by_sorted_keys_agree(monkeypatch):
+    import saema_core.strata as strata
+
+    rng = np.random.default_rng(3)
+    a = token_supports(rng.random((40, 30)) * (rng.random((40, 30)) < 0.3))
+    b = token_supports(rng.random((40, 30)) * (rng.random((40, 30)) < 0.3))
+    naive = [len(set(a.indices[a.indptr[i]:a.indptr[i + 1]]) & set(b.indices[b.indptr[i]:b.indptr[i + 1]]))
+             for i in range(40)]
+    table = strata.intersection_sizes(a, b)
+    monkeypatch.setattr(strata, "_TABLE_CELLS", 0)
+    np.testing.assert_array_equal(table, naive)
+    np.testing.assert_array_equal(strata.intersection_sizes(a, b), naive)
