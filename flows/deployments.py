@@ -25,6 +25,8 @@ def scheduled_pipeline(
     out: str = DEFAULT_OUT,
     corpus: str | None = DEFAULT_CORPUS,
     corpus_max_tokens: int = ExtractConfig.corpus_max_tokens,
+    concept_source: str = ExtractConfig.concept_source,
+    concept_contexts: int = ExtractConfig.concept_contexts,
     sae_steps: int = SAEStageConfig.n_steps,
     sae_batch_size: int = SAEStageConfig.batch_size,
     noise_levels: tuple[float, ...] = StratifyConfig.noise_levels,
@@ -43,7 +45,8 @@ def scheduled_pipeline(
     cfg = PipelineConfig(
         extract=ExtractConfig(out=out, model=ModelSpec(name=model), hooks=tuple(hooks),
                               concepts=tuple(concepts), corpus=corpus,
-                              corpus_max_tokens=corpus_max_tokens),
+                              corpus_max_tokens=corpus_max_tokens, concept_source=concept_source,
+                              concept_contexts=concept_contexts),
         sae=SAEStageConfig(n_steps=sae_steps, batch_size=sae_batch_size),
         stratify=StratifyConfig(noise_levels=tuple(noise_levels), replicates=replicates,
                                 dask_address=dask_address, n_workers=n_workers))

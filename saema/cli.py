@@ -169,11 +169,16 @@ def _add_intervention_options(parser: argparse.ArgumentParser) -> None:
                        help="Adam steps per intervention (default: %(default)s)")
     group.add_argument("--intervention-lr", type=float, default=defaults.lr,
                        help="Adam learning rate (default: %(default)s)")
+    group.add_argument("--max-clusters", type=int, default=defaults.max_clusters,
+                       help="intervene on this many largest latent clusters (default: %(default)s)")
+    group.add_argument("--max-cluster-tokens", type=int, default=defaults.max_cluster_tokens,
+                       help="at most this many tokens per cluster, a seeded sample (default: %(default)s)")
 
 
 def intervention_config(args: argparse.Namespace) -> InterventionStageConfig:
     return InterventionStageConfig(objectives=tuple(args.objectives), alphas=tuple(args.alphas),
-                                   steps=args.intervention_steps, lr=args.intervention_lr)
+                                   steps=args.intervention_steps, lr=args.intervention_lr,
+                                   max_clusters=args.max_clusters, max_cluster_tokens=args.max_cluster_tokens)
 
 
 def pipeline_config(args: argparse.Namespace) -> PipelineConfig:

@@ -85,6 +85,9 @@ _TABLE_CELLS = 2**26
 def intersection_sizes(supports: Supports, reference: Supports) -> np.ndarray:
     """`(n,)` |support_i ∩ reference_i| for row-aligned supports of the same n tokens and K latents."""
     n = len(supports.indptr) - 1
+    full = n * supports.n_latents
+    if supports.indices.size == full and reference.indices.size == full:
+        return np.full(n, supports.n_latents)  # every latent active everywhere (a dense code)
     keys, reference_keys = _token_keys(supports), _token_keys(reference)
     if n * supports.n_latents <= _TABLE_CELLS:
         table = np.zeros(n * supports.n_latents, dtype=bool)

@@ -239,7 +239,10 @@ def concept_source(url: str, hook: str, concept: str) -> str:
         attrs = zarr.open_group(url, path=group_path(hook, concept), mode="r", use_consolidated=False).attrs
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         return ""
-    return str(attrs.get("concept_source", ""))
+    source, n, floor = str(attrs.get("concept_source", "")), attrs.get("n_analysed"), attrs.get("min_concept_tokens")
+    if n is not None and floor is not None and n < floor:
+        source += f" — BELOW the floor: {n} analysed tokens, fewer than {floor}"
+    return source
 
 
 def consolidate(url: str) -> None:

@@ -105,14 +105,15 @@ def context_prompt(document: str, occurrence: Occurrence, window_words: int, sou
                   f"{source}:{occurrence.document}:{occurrence.start}")
 
 
-def corpus_contexts(documents: list[str], name: str, items: list[str], spec: ContextSpec) -> list[Prompt]:
+def corpus_contexts(documents: list[str], name: str, items: list[str], spec: ContextSpec,
+                    hint: str = "give the concept prompts, or items that occur in the corpus") -> list[Prompt]:
     """Up to `spec.max_contexts` contexts of the items (a balanced, evenly spread selection)."""
     if not items:
         raise PromptError(f"concept {name!r}: no items to look up in the corpus")
     found = find_occurrences(documents, items)
     if not any(found.values()):
         raise PromptError(f"concept {name!r}: none of its items ({', '.join(items)}) occurs as a whole word "
-                          f"in corpus {spec.corpus!r}; use --concept-source templates (or auto)")
+                          f"in corpus {spec.corpus!r}; {hint}")
     share = quotas({item: len(occ) for item, occ in found.items()}, spec.max_contexts)
     return [context_prompt(documents[o.document], o, spec.window_words, spec.corpus or "corpus")
             for item in items for o in spread(found[item], share[item])]
@@ -125,7 +126,8 @@ def _corpus_builtin(documents: list[str], name: str, spec: ContextSpec) -> Conce
     if not plain:
         raise PromptError(f"concept {name!r}: every item is ambiguous in prose ({', '.join(items)}), so "
                           f"it is never matched in a corpus; use --concept-source templates (or auto)")
-    prompts = corpus_contexts(documents, name, plain, spec) + ambiguous_prompts(name, ambiguous)
+    prompts = corpus_contexts(documents, name, plain, spec, "use --concept-source templates (or auto)")
+    prompts += ambiguous_prompts(name, ambiguous)
     note = f"; templates for {', '.join(ambiguous)}" if ambiguous else ""
     n_contexts = len(prompts) - len(ambiguous_prompts(name, ambiguous))
     return Concept(name, tuple(prompts), f"corpus {spec.corpus} ({n_contexts} contexts{note})")

@@ -53,10 +53,18 @@ def test_contexts_respect_the_cap_window_and_order():
     assert corpus_contexts(DOCS, "months", ["June", "March"], spec) == prompts  # deterministic
 
 
-def test_contexts_errors_name_the_concept():
+def _write_docs(folder, documents) -> object:
+    path = folder / "corpus.txt"
+    path.write_text("\n\n".join(documents))
+    return path
+
+
+def test_contexts_errors_name_the_concept(tmp_path):
     spec = ContextSpec(corpus="docs")
     with pytest.raises(PromptError, match="concept 'zodiac': none of its items"):
         corpus_contexts(DOCS, "zodiac", ["Aries", "Leo"], spec)
+    with pytest.raises(PromptError, match="concept .months.: none of its items.*templates"):
+        resolve_concepts(["months"], "corpus", ContextSpec(corpus=str(_write_docs(tmp_path, ["no dates here"]))))
     with pytest.raises(PromptError, match="every item is ambiguous"):
         resolve_concepts(["zodiac"], "corpus", ContextSpec(corpus="sotu"))
     with pytest.raises(PromptError, match="need a corpus"):

@@ -88,9 +88,11 @@ def test_url_runs_store_the_same_results_as_a_plain_path_run(runs, kind):
     assert set(open_results(other).children) == set(GROUPS)
     for group in GROUPS:
         xr.testing.assert_allclose(_group(other, group), _group(plain, group))
-    # Same seeds → the same ranks, exactly.
-    np.testing.assert_array_equal(_group(other, "stratification")["rank"].values,
-                                  _group(plain, "stratification")["rank"].values)
+    # Same seeds → the same integer ranks, exactly (the continuous estimators agree to round-off: the
+    # memory run's threaded workers may run BLAS with another thread count).
+    counts = ["numerical", "paper_float32", "rtol_1e-6", "rtol_1e-3"]
+    np.testing.assert_array_equal(_group(other, "stratification")["rank"].sel(estimator=counts).values,
+                                  _group(plain, "stratification")["rank"].sel(estimator=counts).values)
 
 
 def test_saema_query_reads_a_memory_store_like_a_folder(runs, capsys):

@@ -97,3 +97,10 @@ def test_intersections_by_table_and_by_sorted_keys_agree(monkeypatch):
     monkeypatch.setattr(strata, "_TABLE_CELLS", 0)
     np.testing.assert_array_equal(table, naive)
     np.testing.assert_array_equal(strata.intersection_sizes(a, b), naive)
+
+
+def test_fully_dense_supports_intersect_completely():
+    dense = token_supports(np.ones((5, 7)))
+    np.testing.assert_array_equal(support_strata(dense, dense).size_histogram[-1:], [5])
+    result = support_strata(dense, dense)
+    assert result.n_supports == 1 and result.mean_jaccard == 1.0 and result.fraction_changed == 0.0
