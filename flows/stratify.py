@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import xarray as xr
 from prefect import flow
@@ -119,7 +121,7 @@ def stratification_dataset(model: str, cells, results, cfg: StratifyConfig, hook
     for name, (description, units) in {**_ATTRS, **{k: v[:2] for k, v in _VERDICT_VARS.items()}}.items():
         ds[name].attrs = {"long_name": name, "description": description, "units": units}
     ds.attrs = {"noise_scale": cfg.noise_scale, "base_seed": cfg.seed,
-                "verdict_rule": stratification_verdict.__doc__.split("\n\n")[0]}
+                "verdict_rule": inspect.cleandoc(stratification_verdict.__doc__)}
     return ds
 
 

@@ -82,9 +82,9 @@ def _support_growth(ds: xr.Dataset, concepts: list[str]) -> tuple[str, str]:
     deficits = [_first_last_unsaturated(deficit.sel(concept=c), unsat.sel(concept=c)) for c in concepts]
     share = _median([d[0] / _first_last_unsaturated(active.sel(concept=c), unsat.sel(concept=c))[0]
                      for d, c in zip(deficits, concepts)])
-    numbers = (f"; median exact rank {_median([r[0] for r in ranks]):g} → {_median([r[1] for r in ranks]):g} "
-               f"over the unsaturated σ, deficit n_active − rank {_median([d[0] for d in deficits]):g} → "
-               f"{_median([d[1] for d in deficits]):g}")
+    numbers = (f"; median exact rank {_median([r[0] for r in ranks]):.0f} → {_median([r[1] for r in ranks]):.0f} "
+               f"over the unsaturated σ, deficit n_active − rank {_median([d[0] for d in deficits]):.0f} → "
+               f"{_median([d[1] for d in deficits]):.0f}")
     caveat = (f"; caveat: the rank follows the active support that noise switches on (deficit {share:.0%} of "
               f"the active latents at the lowest σ)" if share < 0.1 else
               f"; the rank sits below the active support (deficit {share:.0%} of the active latents at the "
@@ -152,7 +152,7 @@ def _beyond_spread(a: xr.DataArray, b: xr.DataArray) -> tuple[np.ndarray, np.nda
 
 def _structure_row(ds: xr.Dataset, space: str) -> tuple[Finding, bool]:
     dim, agd = ds["avg_intrinsic_dim_original"], ds["agd"]
-    up, _, valid_dim = _beyond_spread(dim.sel(space=space), dim.sel(space="resid"))
+    up, lower, valid_dim = _beyond_spread(dim.sel(space=space), dim.sel(space="resid"))
     _, down, valid_agd = _beyond_spread(agd.sel(space=space), agd.sel(space="resid"))
     n = int(valid_dim.sum())
     ari = ds["ari_token"].sel(space=space) if "ari_token" in ds else None
@@ -166,8 +166,9 @@ def _structure_row(ds: xr.Dataset, space: str) -> tuple[Finding, bool]:
                        f"only {n} concept(s) have clusters in both spaces (need {MIN_CONCEPTS})", numbers), False
     both = up.sum() * 2 > n and down.sum() * 2 > int(valid_agd.sum())
     verdict = "supported" if both else "not supported"
-    why = ("local dimension up and global arrangement compressed in a majority of concepts" if both else
-           "not both in a majority of concepts")
+    why = (f"local dimension higher than in the residual stream in {int(up.sum())} of {n} concepts (lower in "
+           f"{int(lower.sum())}), global arrangement compressed in {int(down.sum())} of {int(valid_agd.sum())}: "
+           + ("both in a majority" if both else "not both in a majority"))
     return Finding("local_global", space, verdict, why, numbers), bool(both)
 
 

@@ -105,37 +105,53 @@ def context_prompt(document: str, occurrence: Occurrence, window_words: int, sou
                   f"{source}:{occurrence.document}:{occurrence.start}")
 
 
+def contexts_of(documents: list[str], found: dict[str, list[Occurrence]], spec: ContextSpec) -> list[Prompt]:
+    """Up to `spec.max_contexts` contexts of the found occurrences (a balanced, evenly spread
+    selection, items in their given order)."""
+    share = quotas({item: len(occ) for item, occ in found.items()}, spec.max_contexts)
+    return [context_prompt(documents[o.document], o, spec.window_words, spec.corpus or "corpus")
+            for item, occurrences in found.items() for o in spread(occurrences, share[item])]
+
+
 def corpus_contexts(documents: list[str], name: str, items: list[str], spec: ContextSpec,
                     hint: str = "give the concept prompts, or items that occur in the corpus") -> list[Prompt]:
-    """Up to `spec.max_contexts` contexts of the items (a balanced, evenly spread selection)."""
+    """Up to `spec.max_contexts` contexts of the items; an error naming the concept if none occurs."""
     if not items:
         raise PromptError(f"concept {name!r}: no items to look up in the corpus")
     found = find_occurrences(documents, items)
     if not any(found.values()):
         raise PromptError(f"concept {name!r}: none of its items ({', '.join(items)}) occurs as a whole word "
                           f"in corpus {spec.corpus!r}; {hint}")
-    share = quotas({item: len(occ) for item, occ in found.items()}, spec.max_contexts)
-    return [context_prompt(documents[o.document], o, spec.window_words, spec.corpus or "corpus")
-            for item in items for o in spread(found[item], share[item])]
+    return contexts_of(documents, found, spec)
 
 
-def _corpus_builtin(documents: list[str], name: str, spec: ContextSpec) -> Concept:
+def _split_items(name: str) -> tuple[list[str], list[str]]:
+    """A built-in concept's (unambiguous, ambiguous) items."""
     items = builtin_items(name)
-    ambiguous = [i for i in items if i in ambiguous_items(name)]
-    plain = [i for i in items if i not in ambiguous]
+    return [i for i in items if i not in ambiguous_items(name)], [i for i in items if i in ambiguous_items(name)]
+
+
+def _corpus_builtin(documents: list[str], name: str, spec: ContextSpec, contexts: list[Prompt] | None = None,
+                    ) -> Concept:
+    """Corpus contexts of the unambiguous items (`contexts` when already drawn) + templates for the rest."""
+    plain, ambiguous = _split_items(name)
     if not plain:
-        raise PromptError(f"concept {name!r}: every item is ambiguous in prose ({', '.join(items)}), so "
-                          f"it is never matched in a corpus; use --concept-source templates (or auto)")
-    prompts = corpus_contexts(documents, name, plain, spec, "use --concept-source templates (or auto)")
-    prompts += ambiguous_prompts(name, ambiguous)
+        raise PromptError(f"concept {name!r}: every item is ambiguous in prose ({', '.join(builtin_items(name))}),"
+                          f" so it is never matched in a corpus; use --concept-source templates (or auto)")
+    if contexts is None:
+        contexts = corpus_contexts(documents, name, plain, spec, "use --concept-source templates (or auto)")
     note = f"; templates for {', '.join(ambiguous)}" if ambiguous else ""
-    n_contexts = len(prompts) - len(ambiguous_prompts(name, ambiguous))
-    return Concept(name, tuple(prompts), f"corpus {spec.corpus} ({n_contexts} contexts{note})")
+    prompts = tuple(contexts) + tuple(ambiguous_prompts(name, ambiguous))
+    return Concept(name, prompts, f"corpus {spec.corpus} ({len(contexts)} contexts{note})")
 
 
-def _occurrence_count(documents: list[str], name: str) -> int:
-    plain = [i for i in builtin_items(name) if i not in ambiguous_items(name)]
-    return sum(len(o) for o in find_occurrences(documents, plain).values()) if plain else 0
+def _auto_builtin(documents: list[str], name: str, spec: ContextSpec) -> Concept:
+    """Corpus contexts when the unambiguous items occur at least `spec.floor` times, else templates."""
+    plain, _ = _split_items(name)
+    found = find_occurrences(documents, plain) if plain else {}
+    if sum(len(o) for o in found.values()) < spec.floor:
+        return builtin_concept(name)
+    return _corpus_builtin(documents, name, spec, contexts_of(documents, found, spec))
 
 
 def _documents(spec: ContextSpec) -> list[str]:
@@ -156,8 +172,7 @@ def _builtins(names: tuple[str, ...], source: str, spec: ContextSpec) -> list[Co
     documents = _documents(spec)
     if source == "corpus":
         return [_corpus_builtin(documents, n, spec) for n in names]
-    return [_corpus_builtin(documents, n, spec) if _occurrence_count(documents, n) >= spec.floor
-            else builtin_concept(n) for n in names]
+    return [_auto_builtin(documents, n, spec) for n in names]
 
 
 def _from_file(path: str, names: tuple[str, ...], spec: ContextSpec) -> list[Concept]:

@@ -162,10 +162,6 @@ class Concept:
     def texts(self) -> list[str]:
         return [p.text for p in self.prompts]
 
-    @property
-    def items(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(p.item for p in self.prompts if p.item))
-
 
 def normalise_token(token: str) -> str:
     """Token string without tokenizer markers (`Ġ`, `▁`, `##`, leading space), lower case."""
