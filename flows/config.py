@@ -223,7 +223,7 @@ class InterventionStageConfig:
     """Bootstrap resamples of the correlation CIs."""
     seed: int = 0
     """Seeds the random controls, the GW subsample, the token sample and the bootstrap."""
-    max_clusters: int = 5
+    max_clusters: int = 4
     """Intervene on the largest latent clusters only (bounds the cost: GW compares every pair)."""
     max_cluster_tokens: int = 32
     """At most this many tokens per cluster (seeded sample): a step moves n × K latents."""
