@@ -34,7 +34,7 @@ class ExtractConfig:
     concept_source: str = "auto"
     """auto (corpus contexts where the corpus has enough occurrences, else templates), corpus,
     templates, or a prompt file."""
-    concept_contexts: int = 2000
+    concept_contexts: int = 1500
     """Cap on the corpus contexts per concept (one analysed item occurrence each)."""
     concept_window: int = 10
     """Words of context either side of a corpus occurrence."""

@@ -45,7 +45,7 @@ class ContextSpec:
     """How corpus contexts are drawn."""
 
     corpus: str | None
-    max_contexts: int = 2000
+    max_contexts: int = 1500
     window_words: int = 10
     floor: int = 1000
 
