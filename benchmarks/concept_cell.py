@@ -70,7 +70,8 @@ def unfolding(latents: np.ndarray, mask: np.ndarray, mode: str) -> sp.csr_array:
 
 def baseline_rank(latents: np.ndarray, mask: np.ndarray, mode: str) -> int:
     A = unfolding(latents, mask, mode)
-    A = A[np.flatnonzero(A.getnnz(axis=1))][:, np.flatnonzero(A.getnnz(axis=0))]
+    rows, cols = np.unique(A.nonzero()[0]), np.unique(A.nonzero()[1])
+    A = A[rows][:, cols]
     if A.shape[0] > A.shape[1]:
         A = A.T
     dense_enough = A.nnz > 0.05 * A.shape[0] * A.shape[1]
