@@ -156,8 +156,9 @@ def _checked_rank_table(noise_levels: Sequence[float], ranks, bounds) -> tuple[n
 
 def _saturated_verdict(ranks: np.ndarray, bounds: np.ndarray, n_unsaturated: int) -> Verdict:
     needed = int(np.max(np.where(np.isfinite(bounds), bounds, ranks)))
-    reason = (f"not informative: the rank reaches the number of analysed tokens at {len(ranks) - n_unsaturated} "
-              f"of {len(ranks)} σ levels (fewer than 2 left); needs more than {needed} analysed tokens")
+    reason = (f"not informative: the rank reaches its bound (the analysed tokens for the latent mode, the "
+              f"prompts or positions otherwise) at {len(ranks) - n_unsaturated} of {len(ranks)} σ levels "
+              f"(fewer than 2 left); needs more than {needed} of them")
     nan = math.nan
     return Verdict("saturated", 0, nan, nan, nan, nan, n_unsaturated, False, reason)
 
