@@ -197,10 +197,15 @@ def _gram_rows(tokens: np.ndarray | sp.csr_array) -> np.ndarray:
 _PAIR_CHUNK = 4096
 
 
+def _sorted_groups(group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(order, starts): the tokens sorted by group (stable), and where each group begins in `order`."""
+    order = np.argsort(group, kind="stable")
+    return order, np.flatnonzero(np.r_[True, np.diff(group[order]) != 0])
+
+
 def _pairs_within(group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every ordered pair (i, j) of tokens with group[i] == group[j] (i = j included)."""
-    order = np.argsort(group, kind="stable")
-    starts = np.flatnonzero(np.r_[True, np.diff(group[order]) != 0])
+    order, starts = _sorted_groups(group)
     sizes = np.diff(np.r_[starts, order.size])
     own = np.repeat(sizes, sizes)  # size of each sorted token's group
     left = np.repeat(np.arange(order.size), own)
@@ -230,9 +235,9 @@ def _grouped_gram(code: LatentCode, group: np.ndarray, index: np.ndarray, size: 
     pairs' dot products, vectorised.
     """
     S = np.zeros((size, size))
-    if np.unique(group).size <= 64:
-        order = np.argsort(group, kind="stable")
-        for members in np.split(order, np.flatnonzero(np.diff(group[order])) + 1):
+    order, starts = _sorted_groups(group)
+    if starts.size <= 64:
+        for members in np.split(order, starts[1:]):
             S[np.ix_(index[members], index[members])] += _gram_rows(code.tokens[members])
         return S
     i, j = _pairs_within(group)
@@ -258,12 +263,11 @@ def _active_columns_of_mode(code: LatentCode, group: np.ndarray) -> int:
     if sp.issparse(code.tokens):
         coo = sp.coo_array(code.tokens)
         return int(np.unique(group[coo.row].astype(np.int64) * code.shape[2] + coo.col).size)
-    order = np.argsort(group, kind="stable")
-    starts = np.flatnonzero(np.r_[True, np.diff(group[order]) != 0])
+    order, starts = _sorted_groups(group)
     return int(np.logical_or.reduceat(code.tokens[order] != 0, starts, axis=0).sum())
 
 
-def _mode_eigenvalues(code: LatentCode, mode: Mode) -> tuple[np.ndarray, int]:
+def _mode_eigenvalues(code: LatentCode, mode: Mode, n_active: int) -> tuple[np.ndarray, int]:
     """Eigenvalues of S(mode) on its active rows (descending, ≥ 0) and the number of active rows.
 
     Latent mode: the smaller Gram of the active (token × latent) block. Prompt and position modes:
@@ -280,7 +284,7 @@ def _mode_eigenvalues(code: LatentCode, mode: Mode) -> tuple[np.ndarray, int]:
         S = _grouped_gram(code, group, index, size)
         active = np.flatnonzero(np.diag(S) > 0)
         eigenvalues = np.sort(_block_eigenvalues(S[np.ix_(active, active)]))[::-1]
-        if _active_counts(code)[0] < active.size:  # else the unfolding has more active columns than rows
+        if n_active < active.size:  # else the unfolding has at least as many active columns as rows
             eigenvalues = eigenvalues[: _active_columns_of_mode(code, group)]
         n_rows = active.size
     return np.clip(np.sort(eigenvalues)[::-1], 0.0, None), int(n_rows)
@@ -357,11 +361,11 @@ def sspd_spectrum(Z: np.ndarray | LatentCode, mode: Mode, affine: AffineMap | No
     """
     code = Z if isinstance(Z, LatentCode) else latent_code(Z)
     _check_finite(code)
-    if mode == "latent" and affine is not None:  # an affine code of the tokens (the dense AE)
-        eigenvalues, n_rows = _affine_latent_eigenvalues(affine), _active_counts(code)[1]
-    else:
-        eigenvalues, n_rows = _mode_eigenvalues(code, mode)
     n_active, n_tokens = _active_counts(code)
+    if mode == "latent" and affine is not None:  # an affine code of the tokens (the dense AE)
+        eigenvalues, n_rows = _affine_latent_eigenvalues(affine), n_tokens
+    else:
+        eigenvalues, n_rows = _mode_eigenvalues(code, mode, n_active)
     P, T, K = code.shape
     shape = {"prompt": (P, T * K), "position": (T, P * K), "latent": (K, P * T)}[mode]
     return SpectrumResult(np.sqrt(eigenvalues), eigenvalues, n_active, n_tokens, shape, n_rows)
