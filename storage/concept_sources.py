@@ -154,11 +154,23 @@ def _auto_builtin(documents: list[str], name: str, spec: ContextSpec) -> Concept
     return _corpus_builtin(documents, name, spec, contexts_of(documents, found, spec))
 
 
+# Corpus text scanned for concept contexts: the whole default corpus (~12 MB) and more, but bounded
+# for streamed hub datasets, which may be far larger than memory.
+MAX_SCANNED_CHARACTERS = 64_000_000
+
+
 def _documents(spec: ContextSpec) -> list[str]:
+    """The corpus's documents in order, up to `MAX_SCANNED_CHARACTERS` of text."""
     if not spec.corpus:
         raise PromptError("corpus contexts need a corpus (--corpus), but it is 'none'; use "
                           "--concept-source templates")
-    return list(iter_documents(spec.corpus))
+    documents, total = [], 0
+    for document in iter_documents(spec.corpus):
+        if total >= MAX_SCANNED_CHARACTERS:
+            break
+        documents.append(document)
+        total += len(document)
+    return documents
 
 
 def _builtins(names: tuple[str, ...], source: str, spec: ContextSpec) -> list[Concept]:
