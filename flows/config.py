@@ -249,6 +249,37 @@ class InterventionStageConfig:
 
 
 @dataclass(frozen=True)
+class CausalStageConfig:
+    """Stage 7 (DESIGN.md §7 revision): the training-time causal test of separability → reconstruction."""
+
+    betas: tuple[float, ...] = (-1.0, -0.3, 0.0, 0.3, 1.0)
+    """Weights β of the separability term (must include 0 and both signs; > 0 separates)."""
+    seeds: tuple[int, ...] = (1, 2, 3)
+    """Batch-order seeds, one fine-tuned SAE per (β, seed); the CIs are over seeds (≥ 2)."""
+    n_clusters: int = 16
+    """k-means clusters of the residual activations (the local representations, fixed before training)."""
+    cluster_seed: int = 0
+    """Seed of the k-means fit."""
+    steps: int = 80
+    """Fine-tuning steps per SAE, from the hook's base SAE."""
+    batch_size: int = 1024
+    """Training tokens per step."""
+
+    def __post_init__(self) -> None:
+        from saema_core.causal import CausalDesign
+
+        design = CausalDesign(betas=tuple(self.betas), seeds=tuple(self.seeds), n_clusters=self.n_clusters)
+        object.__setattr__(self, "betas", design.betas)
+        object.__setattr__(self, "seeds", design.seeds)
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"causal {name.replace('_', ' ')} must be ≥ 1, got {getattr(self, name)}")
+        if self.batch_size < 2 * self.n_clusters:
+            raise ValueError(f"causal batch size {self.batch_size} is too small for {self.n_clusters} clusters "
+                             f"(need ≥ 2 tokens in at least 2 clusters per batch; use ≥ {2 * self.n_clusters})")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """`saema run`: every stage, each with its own validated configuration."""
 
@@ -257,6 +288,7 @@ class PipelineConfig:
     stratify: StratifyConfig = field(default_factory=StratifyConfig)
     structure: StructureStageConfig = field(default_factory=StructureStageConfig)
     intervention: InterventionStageConfig = field(default_factory=InterventionStageConfig)
+    causal: CausalStageConfig = field(default_factory=CausalStageConfig)
 
     def __post_init__(self) -> None:
         out, address = self.extract.out, self.stratify.dask_address

@@ -17,24 +17,26 @@ from saema_core.findings import (
 from storage.results import read_group, write_group
 from tasks.artifacts import publish_table
 
-_READERS = {"stratification": stratification_findings, "local_global": structure_findings,
-            "separability": separability_findings}
-_GROUPS = {"stratification": "stratification", "local_global": "structure", "separability": "intervention"}
+_READERS = {"stratification": stratification_findings, "local_global": structure_findings}
+_GROUPS = {"stratification": "stratification", "local_global": "structure", "separability": "causal"}
 _MISSING = {"stratification": "the stratification stage has not run",
-            "local_global": "the structure stage has not run",
-            "separability": "the intervention stage has not run"}
+            "local_global": "the structure stage has not run"}
+
+
+def _cell(ds: xr.Dataset | None, model: str, hook: str) -> xr.Dataset | None:
+    if ds is None or model not in ds.model.values or hook not in ds.hook.values:
+        return None
+    return ds.sel(model=model, hook=hook)
 
 
 def claim_findings(groups: dict[str, xr.Dataset | None], model: str, hook: str) -> list[Finding]:
     """Every claim's findings for one (model, hook); a claim without its group is `not tested`."""
     rows = []
-    for claim, group in _GROUPS.items():
-        ds = groups.get(group)
-        if ds is None or model not in ds.model.values or hook not in ds.hook.values:
-            rows.append(not_tested(claim, _MISSING[claim]))
-        else:
-            rows += _READERS[claim](ds.sel(model=model, hook=hook))
-    return rows
+    for claim, reader in _READERS.items():
+        ds = _cell(groups.get(_GROUPS[claim]), model, hook)
+        rows += [not_tested(claim, _MISSING[claim])] if ds is None else reader(ds)
+    return rows + separability_findings(_cell(groups.get("causal"), model, hook),
+                                        _cell(groups.get("intervention"), model, hook))
 
 
 def findings_dataset(rows: dict[tuple[str, str], list[Finding]]) -> xr.Dataset:
@@ -64,7 +66,7 @@ def findings_dataset(rows: dict[tuple[str, str], list[Finding]]) -> xr.Dataset:
 @flow(name="saema-findings", log_prints=True)
 def findings_flow(out: str) -> xr.Dataset | None:
     """Read the stored groups and write `findings` for every (model, hook) they hold."""
-    groups = {name: read_group(out, name, dask=False) for name in set(_GROUPS.values())}
+    groups = {name: read_group(out, name, dask=False) for name in {*_GROUPS.values(), "intervention"}}
     present = [ds for ds in groups.values() if ds is not None]
     if not present:
         print("findings: no results stored yet")

@@ -14,12 +14,14 @@ from typing import Any
 from prefect import flow
 
 from flows.dask_runner import dask_runner
+from tasks.causal import causal_cell
 from tasks.caching import cached, cached_results, pending_cells, remember_results
 from tasks.intervention import intervention_cell
 from tasks.stratify import stratify_cells
 from tasks.structure import structure_cell
 
-GRID_TASKS = {"stratify": stratify_cells, "structure": structure_cell, "intervention": intervention_cell}
+GRID_TASKS = {"stratify": stratify_cells, "structure": structure_cell, "intervention": intervention_cell,
+              "causal": causal_cell}
 
 # Relative cost of a stratify call by space (measured on the default run with ~1 500–2 100 tokens per
 # concept: dense AE 12–16 s, SAE latents ~14 s, the residual control ~2 s). Longest cells go first, so

@@ -9,6 +9,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.config import PipelineConfig
+from flows.causal import causal_flow
 from flows.dask_runner import cluster_per_run
 from flows.extract import extract_flow
 from flows.findings import findings_flow
@@ -18,12 +19,13 @@ from flows.stratify import stratify_flow
 from flows.structure import structure_flow
 from storage.report import report_is_current, write_report
 
-STAGES = ("extract", "sae", "stratify", "structure", "intervention", "report")
+STAGES = ("extract", "sae", "stratify", "structure", "intervention", "causal", "report")
 
 
 @flow(name="saema-pipeline", log_prints=True)
 def saema_pipeline(cfg: PipelineConfig = PipelineConfig(), stages: tuple[str, ...] = STAGES) -> None:
-    """prompts → activations → SAEs → stratification → structure → intervention → findings → report."""
+    """prompts → activations → SAEs → stratification → structure → intervention → causal test →
+    findings → report."""
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)}; stages are {STAGES}")
@@ -42,7 +44,10 @@ def saema_pipeline(cfg: PipelineConfig = PipelineConfig(), stages: tuple[str, ..
         if "intervention" in stages:
             intervention_flow(ex.out, ex.model.name, ex.hooks, concepts, sae_refs, cfg.intervention,
                               cfg.structure.seeds[0], *dask, ex.refresh)
-    if {"stratify", "structure", "intervention"} & set(stages):
+        if "causal" in stages:
+            causal_flow(ex.out, ex.model.name, ex.hooks, sae_refs, cfg.causal, cfg.sae.holdout_fraction, ex.model,
+                        *dask, ex.refresh)
+    if {"stratify", "structure", "intervention", "causal"} & set(stages):
         findings_flow(ex.out)
     if "report" in stages:
         current = report_is_current(ex.out)

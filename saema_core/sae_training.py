@@ -140,6 +140,13 @@ class StepStats(NamedTuple):
     """Fraction of latents that have not fired for `dead_tokens_threshold` tokens."""
     penalty: float
     """The sparsity / AuxK term of the loss (training units)."""
+    extra: float = 0.0
+    """The caller's `extra_loss` term (training units; 0 without one)."""
+
+
+ExtraLoss = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""extra_loss(x, latents, mse) → a 0-d term added to the loss: x [B, d_in] the batch in raw units,
+latents [B, d_sae] in training units (raw latents × the input scale), mse the step's 0-d MSE term."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,7 @@ class TrainingHistory:
     l0: np.ndarray
     dead_fraction: np.ndarray
     penalty: np.ndarray
+    extra: np.ndarray
     scale_factor: float
     """The input scale s (√d_in / E‖x‖ on the first batch) used during training."""
 
@@ -356,8 +364,9 @@ def _resample_dead(state: _TrainingState, x_scaled: Tensor, error: Tensor, dead:
     state.tokens_since_fired[idx] = 0
 
 
-def _training_step(state: _TrainingState, cfg: TrainingConfig, x: Tensor) -> StepStats:
-    """One Adam step on batch x [batch_size, d_in] (raw units)."""
+def _training_step(state: _TrainingState, cfg: TrainingConfig, x: Tensor,
+                   extra_loss: ExtraLoss | None = None) -> StepStats:
+    """One Adam step on batch x [batch_size, d_in] (raw units), with the caller's extra term if any."""
     sae, objective = state.sae, _objective(state.sae.cfg)
     x_scaled = x * state.scale
     fwd = _forward(sae, x_scaled)
@@ -367,7 +376,8 @@ def _training_step(state: _TrainingState, cfg: TrainingConfig, x: Tensor) -> Ste
     dead = state.tokens_since_fired >= cfg.dead_tokens_threshold
     mse = fwd.error.pow(2).sum(-1).mean()
     penalty = objective.penalty(sae, fwd, dead, cfg)
-    loss = mse + penalty
+    extra = extra_loss(x, fwd.latents, mse) if extra_loss is not None else mse.new_zeros(())
+    loss = mse + penalty + extra
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     _remove_parallel_decoder_grad(sae.W_dec)
@@ -379,7 +389,7 @@ def _training_step(state: _TrainingState, cfg: TrainingConfig, x: Tensor) -> Ste
         _resample_dead(state, x_scaled, fwd.error.detach(), dead)
     l0 = float((fwd.latents != 0).sum(-1).float().mean())
     return StepStats(float(loss.detach()), float(mse.detach()) / state.scale**2, l0,
-                     float(dead.float().mean()), float(penalty.detach()))
+                     float(dead.float().mean()), float(penalty.detach()), float(extra.detach()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,13 +448,16 @@ def train_sae(
     batches: BatchSource,
     progress: Callable[[int, StepStats], None] | None = None,
     init: SAE | None = None,
+    extra_loss: ExtraLoss | None = None,
 ) -> TrainingResult:
     """Train an SAE of shape `cfg` ("topk", "standard" or "dense") on `n_steps` streamed batches.
 
     `batches` yields float tensors (batch_size, d_in) in raw activation units. `progress(step,
     stats)` is called after every step (wrap tqdm or a Prefect progress artifact in it). `init`: start
     from this SAE's weights (same shape as `cfg`, unit-norm decoder rows, reading raw activations, e.g.
-    a previous result) instead of a fresh initialisation; it is not modified. The returned SAE reads
+    a previous result) instead of a fresh initialisation; it is not modified. `extra_loss` adds a term
+    to every step's loss (see `ExtraLoss`; e.g. the separability term of `saema_core.causal`), recorded
+    as `history.extra`. The returned SAE reads
     raw activations; its metadata gains a "training" entry with the settings used.
     """
     _objective(cfg)
@@ -464,7 +477,7 @@ def train_sae(
     for step in range(train_cfg.n_steps):
         if step > 0:
             x = _next_batch(read, cfg, train_cfg, step)
-        steps.append(_training_step(state, train_cfg, x))
+        steps.append(_training_step(state, train_cfg, x, extra_loss))
         if progress is not None:
             progress(step, steps[-1])
     _fold_input_scale(sae, scale)

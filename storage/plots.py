@@ -113,3 +113,33 @@ def plot_intervention(ds: xr.Dataset, path: str) -> str:
         ax.set_title(f"{objective}: filled = optimised, hollow = random control", fontsize=9)
     axes.flat[0].legend(fontsize=7, ncol=2)
     return _save(fig, path)
+
+
+def plot_causal(ds: xr.Dataset, path: str, title: str) -> str:
+    """The training-time test of one hook: held-out MSE against achieved separability (one point per
+    SAE, colour = β, one line per seed), and the relative MSE change against β with the seeds' CI."""
+    betas, seeds = ds.beta.values, ds.seed.values
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    norm = matplotlib.colors.TwoSlopeNorm(vmin=min(betas.min(), -1e-9), vcenter=0.0, vmax=max(betas.max(), 1e-9))
+    markers = "osD^v<>p"
+    for i, seed in enumerate(seeds):
+        cell = ds.sel(seed=seed)
+        left.plot(cell.separability, cell.mse, color="grey", lw=0.7, zorder=1)
+        points = left.scatter(cell.separability, cell.mse, c=betas, cmap="coolwarm", norm=norm, s=36,
+                              marker=markers[i % len(markers)], edgecolors="black", linewidths=0.4, zorder=2,
+                              label=f"seed {seed}")
+        zero = cell.mse.sel(beta=0.0)
+        right.plot(betas, (cell.mse - zero) / zero * 100, marker=markers[i % len(markers)], lw=0.8,
+                   label=f"seed {seed}")
+    fig.colorbar(points, ax=left, label="β (separability weight)")
+    left.set_xlabel("achieved separability on held-out tokens (AEDP of latent centroids)")
+    left.set_ylabel("held-out MSE (sum over d_model, per token)")
+    left.legend(fontsize=7)
+    right.axhline(0, color="grey", lw=0.5)
+    right.axvline(0, color="grey", lw=0.5)
+    right.set_xlabel("β  (< 0 merges, > 0 separates)")
+    right.set_ylabel("held-out MSE change vs β = 0 (%)")
+    right.legend(fontsize=7)
+    verdict = str(ds["verdict"].values) if "verdict" in ds else ""
+    fig.suptitle(f"{title}: {verdict}" if verdict else title, fontsize=10)
+    return _save(fig, path)

@@ -30,7 +30,7 @@ import zarr
 
 from storage.locations import canonical, exists, is_local, is_process_local, local_path
 
-GROUPS = ("stratification", "strata", "structure", "intervention", "sae_eval", "findings")
+GROUPS = ("stratification", "strata", "structure", "intervention", "causal", "sae_eval", "findings")
 _LOCK = ".saema-write.lock"
 _IN_PROCESS_LOCK = threading.Lock()
 

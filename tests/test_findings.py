@@ -9,6 +9,8 @@ import xarray as xr
 from flows.config import StratifyConfig
 from flows.findings import claim_findings, findings_dataset
 from flows.stratify import _cells, stratification_dataset
+from flows.causal import causal_dataset
+from flows.config import CausalStageConfig
 from saema_core.findings import separability_findings, stratification_findings, structure_findings
 from saema_core.ranks import ESTIMATORS, MODES
 from saema_core.structure_metrics import identity_agreement
@@ -93,14 +95,31 @@ def _intervention(r_opt, p_opt, r_ctl, p_ctl) -> xr.Dataset:
                       coords={"concept": CONCEPTS, "objective": ["aedp"], "intervention": ["optimised", "control"]})
 
 
-@pytest.mark.parametrize("values,verdict", [
-    ((0.99, 1e-6, 0.98, 1e-6), "not informative"),   # the random control correlates alike
-    ((-0.9, 1e-4, 0.1, 0.7), "supported"),
-    ((0.9, 1e-4, -0.2, 0.6), "not supported"),
+def _causal(mse_by_beta) -> xr.Dataset:
+    """A `causal` cell whose separability rises with β and whose MSE is `mse_by_beta` (+ seed jitter)."""
+    cfg = CausalStageConfig()
+    jitter = np.random.default_rng(0).normal(scale=0.01, size=(len(cfg.betas), len(cfg.seeds)))
+    results = [{"skipped": "", "mse": mse_by_beta[i] + jitter[i, j], "separability": 2.0 + beta + 0.01 * j,
+                "explained_variance": 0.8, "l0": 32.0, "separability_ratio": 1.0, "ce_loss_score": np.nan,
+                "n_tokens": 1000.0}
+               for i, beta in enumerate(cfg.betas) for j, _ in enumerate(cfg.seeds)]
+    return causal_dataset("m", [HOOK], cfg, results).sel(model="m", hook=HOOK)
+
+
+@pytest.mark.parametrize("mse,verdict", [
+    ([30, 28, 26, 24, 22], "supported"),            # more separable SAEs reconstruct better
+    ([30, 27, 25, 27, 30], "not supported"),        # a U: separating costs reconstruction (contradicted)
+    ([25, 25, 25, 25, 25], "not informative"),      # no effect: the CI covers 0
 ])
-def test_separability_verdicts(values, verdict):
-    row, = separability_findings(_intervention(*values))
-    assert row.verdict == verdict
+def test_separability_verdict_comes_from_the_training_time_test(mse, verdict):
+    row, = separability_findings(_causal(mse), _intervention(0.99, 1e-6, 0.98, 1e-6))
+    assert row.verdict == verdict and row.why.startswith("training-time test")
+    assert "post-hoc" in row.numbers and "random control +0.98" in row.numbers
+
+
+def test_separability_without_the_causal_test_is_not_tested():
+    row, = separability_findings(None, _intervention(-0.9, 1e-4, 0.1, 0.7))
+    assert row.verdict == "not tested" and "saema causal" in row.why and "post-hoc" in row.numbers
 
 
 def test_missing_groups_are_not_tested_and_the_dataset_holds_every_row():
