@@ -205,8 +205,9 @@ class StructureStageConfig:
 class InterventionStageConfig:
     """Stage 6 (DESIGN.md §7): optimised per-cluster translations that change separability."""
 
-    objectives: tuple[str, ...] = ("aedp", "gw")
-    """Separability measures: aedp (centroid distances) and gw (Gromov–Wasserstein, POT)."""
+    objectives: tuple[str, ...] = ("aedp", "gw", "paper")
+    """aedp (centroid distances) and gw (Gromov–Wasserstein, POT) moves by Adam; paper: the released
+    code's random search (z-scored, best of 1/AEDP + λ·MSE), the paper-literal baseline."""
     alphas: tuple[float, ...] = (0.5, 0.8, 1.0, 1.2, 1.5)
     """Weights α of the separability term (the paper's)."""
     directions: tuple[int, ...] = (1, -1)
@@ -227,9 +228,17 @@ class InterventionStageConfig:
     """Intervene on the largest latent clusters only (bounds the cost: GW compares every pair)."""
     max_cluster_tokens: int = 32
     """At most this many tokens per cluster (seeded sample): a step moves n × K latents."""
+    paper_seeds: int = 5
+    """Seeds of the paper-literal search per (concept, direction, α)."""
+    paper_step_scale: float = 0.03
+    """Per-latent proposal std of the paper-literal search per unit of α, in z-scored units (see
+    saema_core.intervention.PAPER_STEP_SCALE: at 1 no step is ever accepted on the default run)."""
 
     def sample(self) -> tuple[int, int, int]:
         return (self.max_clusters, self.max_cluster_tokens, self.seed)
+
+    def paper_seed_values(self) -> tuple[int, ...]:
+        return tuple(range(self.seed, self.seed + self.paper_seeds))
 
     def __post_init__(self) -> None:
         from saema_core.intervention import InterventionConfig
@@ -238,14 +247,19 @@ class InterventionStageConfig:
             raise ValueError(f"max_clusters and max_cluster_tokens must be ≥ 2, got {self.max_clusters} and "
                              f"{self.max_cluster_tokens}")
 
+        if not self.objectives:
+            raise ValueError("at least one intervention objective is required (aedp, gw, paper)")
         for objective in self.objectives:
             InterventionConfig(objective=objective, lam=self.lam, steps=self.steps, lr=self.lr)
         for alpha in self.alphas:
             InterventionConfig(alpha=alpha)
         for direction in self.directions:
             InterventionConfig(direction=direction)
-        if len(self.alphas) * len(self.directions) < 3:
-            raise ValueError("at least 3 (direction, α) cells are needed for a correlation")
+        if not self.paper_step_scale > 0:
+            raise ValueError(f"paper step scale must be > 0, got {self.paper_step_scale}")
+        if "paper" in self.objectives and self.paper_seeds < 2:
+            raise ValueError(f"paper seeds must be ≥ 2 (the baseline's sign varies with the seed), got {self.paper_seeds}")
+        object.__setattr__(self, "objectives", tuple(dict.fromkeys(self.objectives)))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,12 @@
-"""Flow: does separability cause better reconstruction? (DESIGN.md §7) — cells on Dask, statistics here."""
+"""Flow: post-hoc interventions on the latent clusters (DESIGN.md §7) — cells on Dask, statistics here.
+
+Descriptive evidence only: with a fixed decoder the moves cannot test the causal claim (the training-
+time test in flows/causal.py does). Reported honestly: the pure separability move (λ = 0) beside the
+optimised one, every move split into the decoder's row space (which alone changes the MSE) and null
+space, a random control matched on the total and one matched on the row-space displacement, and the
+slope of ΔMSE on ΔSep at fixed displacement with the concept as the replicate (α is a dose axis, not a
+sample). The paper-literal random search runs beside them with several seeds.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +18,8 @@ from prefect import flow
 
 from flows.config import InterventionStageConfig
 from flows.grid import run_grid
-from saema_core.intervention import InterventionConfig
-from saema_core.statistics import correlate, verdict
+from saema_core.intervention import PAPER, InterventionConfig
+from saema_core.statistics import replicate_slope
 from storage.locations import exists
 from storage.plots import plot_intervention
 from storage.results import write_group
@@ -19,18 +27,26 @@ from tasks.artifacts import publish_plot, publish_table
 from tasks.intervention import TRAJECTORY_FIELDS, inputs_fingerprint
 from tasks.sae import SAERef
 
-KINDS = ("optimised", "control")
-_STATS = ("pearson_r", "pearson_p", "pearson_ci_low", "pearson_ci_high",
-          "spearman_r", "spearman_p", "spearman_ci_low", "spearman_ci_high", "n")
+KINDS = ("optimised", "control", "control_row")
+MOVE_FIELDS = {
+    "row_norm": "‖row-space part‖ of the applied displacement (changes the reconstruction)",
+    "null_norm": "‖null-space part‖ of the applied displacement (changes separability for free)",
+    "delta_mse_row": "MSE change of the row-space part alone",
+    "delta_mse_null": "MSE change of the null-space part alone (0 up to rounding: the check)",
+}
+PAPER_FIELDS = {"delta_sep": "ΔAEDP in the z-scored latent space", "delta_mse": "raw ΔMSE",
+                "delta_mse_zscored": "ΔMSE of the z-scored reconstruction (the procedure's own loss term)",
+                "accepted": "proposals accepted (of 10): 0 = the search left the latents unchanged"}
+_SLOPE = {"slope": "slope", "slope_ci_low": "ci_low", "slope_ci_high": "ci_high", "n_replicates": "n_replicates"}
 
 
 def intervention_calls(out: str, model_name: str, cells, sae_refs: list[SAERef], cfg: InterventionStageConfig,
                        structure_seed: int) -> list[dict]:
-    """One `intervention_cell` call per (hook, concept, objective, direction, α), inputs fingerprinted."""
+    """One `intervention_cell` call per (hook, concept, objective, direction), inputs fingerprinted."""
     saes = {ref.hook: ref for ref in sae_refs if ref.kind == "sae"}
     fingerprints: dict[tuple, str] = {}
     calls = []
-    for i, (hook, concept, objective, direction, alpha) in enumerate(cells):
+    for i, (hook, concept, objective, direction) in enumerate(cells):
         sae = saes[hook]
         if (hook, concept) not in fingerprints:
             fingerprints[hook, concept] = inputs_fingerprint(out, model_name, hook, concept, sae.sae_id, sae.hash,
@@ -39,54 +55,114 @@ def intervention_calls(out: str, model_name: str, cells, sae_refs: list[SAERef],
                                   clamp_nonnegative=cfg.clamp, seed=cfg.seed)
         calls.append({"out": out, "model_name": model_name, "hook": hook, "concept": concept, "sae_path": sae.path,
                       "sae_id": sae.sae_id, "seed": structure_seed, "base": base, "direction": direction,
-                      "alpha": alpha, "control_seed": cfg.seed + i, "content": fingerprints[hook, concept],
-                      "sample": cfg.sample()})
+                      "alphas": tuple(cfg.alphas), "control_seed": cfg.seed + i * len(cfg.alphas),
+                      "content": fingerprints[hook, concept], "sample": cfg.sample(),
+                      "paper_seeds": cfg.paper_seed_values() if objective == PAPER else (),
+                      "paper_step_scale": cfg.paper_step_scale})
     return calls
 
 
-def _stats_row(stats) -> list[float]:
-    p, s = stats.pearson, stats.spearman
-    return [p.statistic, p.p_value, p.ci_low, p.ci_high, s.statistic, s.p_value, s.ci_low, s.ci_high, stats.n]
+class _Arrays:
+    """The dataset's arrays, filled cell by cell."""
+
+    def __init__(self, n_hooks: int, n_concepts: int, objectives: list[str], cfg: InterventionStageConfig) -> None:
+        lead = (1, n_hooks, n_concepts)
+        moves = lead + (len(objectives), len(KINDS), len(cfg.directions), len(cfg.alphas))
+        self.trajectories = {f: np.full(moves + (cfg.steps + 1,), np.nan) for f in TRAJECTORY_FIELDS}
+        self.moves = {f: np.full(moves, np.nan) for f in MOVE_FIELDS}
+        self.pure = {f: np.full(lead + (len(objectives), len(cfg.directions)), np.nan)
+                     for f in ("delta_sep", "delta_mse", "displacement_norm", *MOVE_FIELDS)}
+        self.paper = {f: np.full(lead + (len(cfg.directions), len(cfg.alphas), cfg.paper_seeds), np.nan)
+                      for f in PAPER_FIELDS}
+        self.skipped = np.full(lead + (len(objectives) + 1,), "", dtype=object)
 
 
-def _deltas(results: list[dict], kind: str, field: str) -> np.ndarray:
-    return np.array([r[kind][field][-1] - r[kind][field][0] for r in results])
+def _fill_moves(arrays: _Arrays, at: tuple, d: int, result: dict) -> None:
+    for a, moves in enumerate(result["alphas"]):
+        for k, kind in enumerate(KINDS):
+            if kind not in moves:
+                continue
+            for f in TRAJECTORY_FIELDS:
+                arrays.trajectories[f][at + (k, d, a)] = moves[kind][f]
+            for f in MOVE_FIELDS:
+                arrays.moves[f][at + (k, d, a)] = moves[kind][f]
+    pure = result["pure"]
+    arrays.pure["delta_sep"][at + (d,)] = pure["separability"][-1] - pure["separability"][0]
+    arrays.pure["delta_mse"][at + (d,)] = pure["mse"][-1] - pure["mse"][0]
+    arrays.pure["displacement_norm"][at + (d,)] = pure["displacement_norm"][-1]
+    for f in MOVE_FIELDS:
+        arrays.pure[f][at + (d,)] = pure[f]
+
+
+def _fill_paper(arrays: _Arrays, at: tuple, d: int, result: dict) -> None:
+    for a, runs in enumerate(result["paper"]):
+        for s, run in enumerate(runs):
+            for f in PAPER_FIELDS:
+                arrays.paper[f][at + (d, a, s)] = run[f]
+
+
+def _slopes(trajectories: dict, objectives: list[str], n_hooks: int, cfg: InterventionStageConfig) -> dict:
+    """Per (hook, objective, kind): slope of ΔMSE on ΔSep with ‖δ‖ and ‖δ‖² as covariates; concepts are
+    the replicates (cluster bootstrap)."""
+    delta = {f: trajectories[f][..., -1] - trajectories[f][..., 0] for f in ("separability", "mse")}
+    norm = trajectories["displacement_norm"][..., -1]
+    out = {name: np.full((1, n_hooks, len(objectives), len(KINDS)), np.nan) for name in _SLOPE}
+    reasons = np.full((1, n_hooks, len(objectives), len(KINDS)), "", dtype=object)
+    for h, o, k in itertools.product(range(n_hooks), range(len(objectives)), range(len(KINDS))):
+        if objectives[o] == PAPER:
+            continue
+        cell = (0, h, slice(None), o, k)
+        concepts = np.broadcast_to(np.arange(norm.shape[2])[:, None, None], norm[cell].shape)
+        estimate = replicate_slope(delta["mse"][cell].ravel(), delta["separability"][cell].ravel(),
+                                   np.column_stack([norm[cell].ravel(), norm[cell].ravel() ** 2]),
+                                   concepts.ravel(), n_boot=cfg.n_boot, seed=cfg.seed)
+        for name, field in _SLOPE.items():
+            out[name][0, h, o, k] = getattr(estimate, field)
+        reasons[0, h, o, k] = estimate.reason or ""
+    return {**out, "slope_reason": reasons}
 
 
 def intervention_dataset(model, cells, results, cfg: InterventionStageConfig, hooks, concepts) -> xr.Dataset:
     objectives, dirs, alphas = list(cfg.objectives), list(cfg.directions), list(cfg.alphas)
-    lead = (1, len(hooks), len(concepts), len(objectives))
-    traj = {f: np.full(lead + (len(KINDS), len(dirs), len(alphas), cfg.steps + 1), np.nan) for f in TRAJECTORY_FIELDS}
-    stats = np.full(lead + (len(KINDS), len(_STATS)), np.nan)
-    verdicts, skipped = np.full(lead, "", dtype=object), np.full(lead, "", dtype=object)
-    groups: dict[tuple, list] = {}
-    for (hook, concept, objective, direction, alpha), result in zip(cells, results):
-        at = (0, hooks.index(hook), concepts.index(concept), objectives.index(objective))
+    moving = [o for o in objectives if o != PAPER]
+    arrays = _Arrays(len(hooks), len(concepts), moving, cfg)
+    for (hook, concept, objective, direction), result in zip(cells, results):
+        at, d = (0, hooks.index(hook), concepts.index(concept)), dirs.index(direction)
+        o = moving.index(objective) if objective != PAPER else len(moving)
         if result["skipped"]:
-            skipped[at] = result["skipped"]
-            continue
-        groups.setdefault(at, []).append(result)
-        for k, kind in enumerate(KINDS):
-            for f in TRAJECTORY_FIELDS:
-                traj[f][at + (k, dirs.index(direction), alphas.index(alpha))] = result[kind][f]
-    for at, group in groups.items():
-        pair = [correlate(_deltas(group, kind, "separability"), _deltas(group, kind, "mse"),
-                          n_boot=cfg.n_boot, seed=cfg.seed) for kind in KINDS]
-        for k, kind_stats in enumerate(pair):
-            stats[at + (k,)] = _stats_row(kind_stats)
-        verdicts[at] = verdict(*pair)
-    dims = ("model", "hook", "concept", "objective")
+            arrays.skipped[at + (o,)] = result["skipped"]
+        elif objective == PAPER:
+            _fill_paper(arrays, at, d, result)
+        else:
+            _fill_moves(arrays, at + (o,), d, result)
+    lead = ("model", "hook", "concept")
+    move_dims = (*lead, "objective", "intervention", "direction", "alpha")
     # The optimiser's objective value L(Δ) is stored as `loss`: `objective` names the dimension.
-    data = {("loss" if f == "objective" else f): (dims + ("intervention", "direction", "alpha", "step"), v,
-                                                  {"long_name": f, "units": "1"}) for f, v in traj.items()}
-    for j, name in enumerate(_STATS):
-        data[name] = (dims + ("intervention",), stats[..., j], {"long_name": name, "units": "1",
-                      "description": f"{name} of the correlation between ΔSep and ΔMSE across (direction, α)"})
-    data["verdict"] = (dims, verdicts, {"description": "plain-language reading: do the data support the claim?"})
-    data["skipped"] = (dims, skipped, {"description": "why a cell was not run (empty = it ran)"})
-    return xr.Dataset(data, coords={"model": [model], "hook": hooks, "concept": concepts, "objective": objectives,
-                                    "intervention": list(KINDS), "direction": dirs, "alpha": alphas,
-                                    "step": np.arange(cfg.steps + 1)})
+    data = {("loss" if f == "objective" else f): ((*move_dims, "step"), v, {"long_name": f})
+            for f, v in arrays.trajectories.items()}
+    data.update({f: (move_dims, v, {"description": MOVE_FIELDS[f]}) for f, v in arrays.moves.items()})
+    data.update({f"pure_{f}": ((*lead, "objective", "direction"), v,
+                               {"description": f"pure separability move (λ = 0, α-free): {MOVE_FIELDS.get(f, f)}"})
+                 for f, v in arrays.pure.items()})
+    slopes = _slopes(arrays.trajectories, moving, len(hooks), cfg)
+    for name, value in slopes.items():
+        data[name] = (("model", "hook", "objective", "intervention"), value,
+                      {"description": f"{name}: ΔMSE ~ 1 + ΔSep + ‖δ‖ + ‖δ‖², coefficient of ΔSep; CI from "
+                                      f"resampling concepts (the replicates), not (direction, α) cells"})
+    data["skipped"] = ((*lead, "stage_objective"), arrays.skipped, {"description": "why a cell was not run"})
+    coords = {"model": [model], "hook": hooks, "concept": concepts, "objective": moving,
+              "intervention": list(KINDS), "direction": dirs, "alpha": alphas, "step": np.arange(cfg.steps + 1),
+              "stage_objective": [*moving, PAPER]}
+    if PAPER in objectives:
+        for f, v in arrays.paper.items():
+            data[f"paper_{f}"] = ((*lead, "direction", "alpha", "paper_seed"), v,
+                                  {"description": f"paper-literal random search: {PAPER_FIELDS[f]}"})
+        coords["paper_seed"] = list(cfg.paper_seed_values())
+        delta_mse = arrays.paper["delta_mse"]
+        lower = np.where(np.isfinite(delta_mse).all(axis=(-1, -2)), (delta_mse < 0).mean(axis=(-1, -2)), np.nan)
+        data["paper_lower_mse_fraction"] = ((*lead, "direction"), lower, {
+            "description": "share of the paper-literal runs (α × seeds) that lowered the raw MSE"})
+    return xr.Dataset(data, coords=coords, attrs={"design": __doc__, "paper_step_scale": cfg.paper_step_scale})
 
 
 @flow(name="saema-intervention", log_prints=True)
@@ -94,8 +170,8 @@ def intervention_flow(out: str, model_name: str, hooks: tuple[str, ...], concept
                       sae_refs: list[SAERef], cfg: InterventionStageConfig = InterventionStageConfig(),
                       structure_seed: int = 42, dask_address: str | None = None, n_workers: int = 2,
                       refresh: bool = False) -> None:
-    """Optimised interventions and controls per cell; correlations, verdicts and a plot per hook."""
-    cells = list(itertools.product(hooks, concepts, cfg.objectives, cfg.directions, cfg.alphas))
+    """Post-hoc moves, controls and the paper-literal search per cell; replicate slopes and a plot per hook."""
+    cells = list(itertools.product(hooks, concepts, cfg.objectives, cfg.directions))
     calls = intervention_calls(out, model_name, cells, sae_refs, cfg, structure_seed)
     results = run_grid("intervention", out, calls, refresh, dask_address, n_workers)
     ds = intervention_dataset(model_name, cells, results, cfg, list(hooks), list(concepts))
@@ -104,9 +180,9 @@ def intervention_flow(out: str, model_name: str, hooks: tuple[str, ...], concept
         png = f"{out}/plots/intervention_{hook}.png"
         if changed or not exists(png):
             plot_intervention(ds.sel(model=model_name, hook=hook), png)
-        publish_plot(f"intervention-{hook}", png, f"ΔMSE vs ΔSep at {hook}: optimised vs random control")
-    publish_table("intervention-statistics", ds[["pearson_r", "pearson_p", "spearman_r", "spearman_p"]].to_dataframe(),
-                  "correlation of ΔSep and ΔMSE per (model, hook, concept, objective, intervention)")
-    for (hook, concept, objective), text in np.ndenumerate(ds.verdict.sel(model=model_name).values):
-        if text:
-            print(f"{hooks[hook]} {concepts[concept]} {cfg.objectives[objective]}: {text}")
+        publish_plot(f"intervention-{hook}", png, f"post-hoc moves at {hook}: ΔMSE vs ΔSep and vs α")
+    slopes = ds[["slope", "slope_ci_low", "slope_ci_high", "n_replicates"]].to_dataframe()
+    publish_table("intervention-slopes", slopes, "slope of ΔMSE on ΔSep at fixed displacement, concepts as replicates")
+    for (m, hook, objective, kind), row in slopes.iterrows():
+        print(f"{hook} {objective} {kind}: slope {row.slope:.3g} (95% CI {row.slope_ci_low:.3g} to "
+              f"{row.slope_ci_high:.3g}, {int(row.n_replicates)} concepts)")

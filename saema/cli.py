@@ -162,8 +162,9 @@ def structure_config(args: argparse.Namespace) -> StructureStageConfig:
 def _add_intervention_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("intervention (separability → reconstruction)")
     defaults = InterventionStageConfig()
-    group.add_argument("--objectives", nargs="+", default=list(defaults.objectives), choices=["aedp", "gw"],
-                       help="separability measures (default: %(default)s)")
+    group.add_argument("--objectives", nargs="+", default=list(defaults.objectives), choices=["aedp", "gw", "paper"],
+                       help="aedp / gw: Adam moves of that separability; paper: the released code's random "
+                            "search, the paper-literal baseline (default: %(default)s)")
     group.add_argument("--alphas", type=float, nargs="+", default=list(defaults.alphas),
                        help="separability weights α (default: %(default)s)")
     group.add_argument("--intervention-steps", type=int, default=defaults.steps,
@@ -174,12 +175,18 @@ def _add_intervention_options(parser: argparse.ArgumentParser) -> None:
                        help="intervene on this many largest latent clusters (default: %(default)s)")
     group.add_argument("--max-cluster-tokens", type=int, default=defaults.max_cluster_tokens,
                        help="at most this many tokens per cluster, a seeded sample (default: %(default)s)")
+    group.add_argument("--paper-seeds", type=int, default=defaults.paper_seeds,
+                       help="seeds of the paper-literal search per (concept, direction, α) (default: %(default)s)")
+    group.add_argument("--paper-step-scale", type=float, default=defaults.paper_step_scale,
+                       help="per-latent proposal std of the paper-literal search per unit of α, z-scored units "
+                            "(default: %(default)s)")
 
 
 def intervention_config(args: argparse.Namespace) -> InterventionStageConfig:
     return InterventionStageConfig(objectives=tuple(args.objectives), alphas=tuple(args.alphas),
                                    steps=args.intervention_steps, lr=args.intervention_lr,
-                                   max_clusters=args.max_clusters, max_cluster_tokens=args.max_cluster_tokens)
+                                   max_clusters=args.max_clusters, max_cluster_tokens=args.max_cluster_tokens,
+                                   paper_seeds=args.paper_seeds, paper_step_scale=args.paper_step_scale)
 
 
 def _add_causal_options(parser: argparse.ArgumentParser) -> None:

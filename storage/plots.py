@@ -91,27 +91,76 @@ def plot_structure_scatter(panels: dict[str, dict], tokens, title: str, path: st
     return _save(fig, path)
 
 
+_MOVE_MARKERS = {"optimised": ("o", True), "control": ("o", False), "control_row": ("x", True)}
+
+
+def _final_change(ds: xr.Dataset, name: str) -> xr.DataArray:
+    return ds[name].isel(step=-1) - ds[name].isel(step=0)
+
+
+def _moves_panel(ax, cell: xr.Dataset, objective: str) -> None:
+    """ΔMSE vs ΔSep of every move kind, colour = concept; stars = the pure (λ = 0) moves."""
+    for i, concept in enumerate(cell.concept.values):
+        colour = plt.cm.tab10(i % 10)
+        for kind, (marker, filled) in _MOVE_MARKERS.items():
+            moves = cell.sel(concept=concept, intervention=kind)
+            style = ({"color": colour} if marker == "x" else
+                     {"facecolors": colour if filled else "none", "edgecolors": colour})
+            ax.scatter(_final_change(moves, "separability").values.ravel(), _final_change(moves, "mse").values.ravel(),
+                       s=16, marker=marker, label=str(concept) if kind == "optimised" else None, **style)
+        ax.scatter(cell.pure_delta_sep.sel(concept=concept).values, cell.pure_delta_mse.sel(concept=concept).values,
+                   s=60, marker="*", color=colour)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set_xlabel(f"ΔSep ({objective})")
+    ax.set_ylabel("ΔMSE")
+    ax.set_title(f"{objective}: ● optimised, ○ control (same ‖δ‖), × control (same row-space ‖δ‖), ★ λ = 0",
+                 fontsize=8)
+
+
+def _dose_panel(ax, cell: xr.Dataset, objective: str) -> None:
+    """ΔMSE of the optimised move against α (a dose axis), one line per (concept, direction)."""
+    change = _final_change(cell.sel(intervention="optimised"), "mse")
+    for i, concept in enumerate(cell.concept.values):
+        for direction, style in zip(cell.direction.values, ("-", "--")):
+            ax.plot(cell.alpha.values, change.sel(concept=concept, direction=direction).values, style,
+                    marker=".", color=plt.cm.tab10(i % 10), lw=0.8)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("α (solid: separate, dashed: merge)")
+    ax.set_ylabel("ΔMSE of the optimised move")
+    ax.set_title(f"{objective}: dose axis", fontsize=8)
+
+
+def _paper_panel(ax, ds: xr.Dataset) -> None:
+    """The paper-literal search: raw ΔMSE per (α, seed) of the separating direction, colour = concept."""
+    change = ds.paper_delta_mse.sel(direction=1) if 1 in ds.direction.values else ds.paper_delta_mse.isel(direction=0)
+    for i, concept in enumerate(ds.concept.values):
+        values = change.sel(concept=concept)
+        for seed in values.paper_seed.values:
+            ax.scatter(values.alpha.values + 0.01 * i, values.sel(paper_seed=seed).values, s=10,
+                       color=plt.cm.tab10(i % 10), label=str(concept) if seed == values.paper_seed.values[0] else None)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("α (step scale of the random search)")
+    ax.set_ylabel("raw ΔMSE (one point per seed)")
+    ax.set_title("paper-literal search, separating: the sign depends on concept and seed", fontsize=8)
+    ax.legend(fontsize=6, ncol=2)
+
+
 def plot_intervention(ds: xr.Dataset, path: str) -> str:
-    """ΔMSE vs ΔSep per objective: optimised interventions (filled) and random controls (hollow)."""
+    """Per objective: ΔMSE vs ΔSep of the moves and controls, and ΔMSE vs α; the paper-literal search."""
     objectives = list(ds.objective.values)
-    fig, axes = plt.subplots(1, len(objectives), figsize=(5 * len(objectives), 4), squeeze=False)
-    for ax, objective in zip(axes.flat, objectives):
+    paper = "paper_delta_mse" in ds
+    rows = len(objectives) + int(paper)
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 3.8 * rows), squeeze=False)
+    for row, objective in zip(axes, objectives):
         cell = ds.sel(objective=objective)
-        for i, concept in enumerate(cell.concept.values):
-            colour = plt.cm.tab10(i % 10)
-            for kind, face in (("optimised", colour), ("control", "none")):
-                sep = cell.separability.sel(concept=concept, intervention=kind)
-                mse = cell.mse.sel(concept=concept, intervention=kind)
-                d_sep = (sep.isel(step=-1) - sep.isel(step=0)).values.ravel()
-                d_mse = (mse.isel(step=-1) - mse.isel(step=0)).values.ravel()
-                ax.scatter(d_sep, d_mse, s=18, facecolors=face, edgecolors=colour,
-                           label=str(concept) if kind == "optimised" else None)
-        ax.axhline(0, color="grey", lw=0.5)
-        ax.axvline(0, color="grey", lw=0.5)
-        ax.set_xlabel(f"ΔSep ({objective})")
-        ax.set_ylabel("ΔMSE")
-        ax.set_title(f"{objective}: filled = optimised, hollow = random control", fontsize=9)
-    axes.flat[0].legend(fontsize=7, ncol=2)
+        _moves_panel(row[0], cell, objective)
+        _dose_panel(row[1], cell, objective)
+    if objectives:
+        axes[0][0].legend(fontsize=6, ncol=2)
+    if paper:
+        _paper_panel(axes[-1][0], ds)
+        axes[-1][1].axis("off")
     return _save(fig, path)
 
 

@@ -1,4 +1,4 @@
-"""Intervention tasks: one (hook, concept, objective, direction, α) cell and its random control."""
+"""Intervention tasks: one (hook, concept, objective, direction) cell: every α, its controls, the pure move."""
 
 from __future__ import annotations
 
@@ -11,7 +11,19 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from saema_core.intervention import InterventionConfig, bounded_sample, optimise_intervention, random_control
+from saema_core.intervention import (
+    PAPER_STEP_SCALE,
+    Decomposition,
+    InterventionConfig,
+    bounded_sample,
+    decompose_move,
+    linear_decoder,
+    optimise_intervention,
+    paper_search,
+    random_control,
+    random_control_row,
+    row_space_basis,
+)
 from storage import activation_store as store
 from storage import latent_store
 from storage.results import read_group
@@ -20,6 +32,7 @@ from tasks.allocator import keep_freed_memory
 from tasks.threads import pinned_threads
 
 TRAJECTORY_FIELDS = ("objective", "separability", "mse", "mse_zscored", "explained_variance", "displacement_norm")
+ROW_CONTROL_SEED_OFFSET = 10_000  # the row-matched controls draw other directions than the total-matched ones
 
 
 def structure_labels(out: str, model_name: str, hook: str, concept: str, seed: int) -> np.ndarray:
@@ -68,13 +81,61 @@ def _trajectory(t) -> dict:
     return {name: getattr(t, name).tolist() for name in TRAJECTORY_FIELDS}
 
 
+def _decomposed(t, z, labels, decode, x, clamp: bool, basis) -> dict:
+    """The trajectory and the row/null-space split of its final move (NaN parts without a basis)."""
+    parts = (decompose_move(z, labels, decode, x, t.translations, clamp, basis)._asdict() if basis is not None
+             else dict.fromkeys(Decomposition._fields, float("nan")))
+    return {**_trajectory(t), **parts}
+
+
+def _row_basis(decode, n_latents: int) -> tuple[object, str]:
+    """The decoder's row-space basis, or None and why (a decoder that is not linear)."""
+    try:
+        return row_space_basis(linear_decoder(decode, n_latents)[0]), ""
+    except ValueError as error:
+        return None, str(error)
+
+
+def _alpha_cell(z, labels, x, sae, config: InterventionConfig, control_seed: int, basis) -> dict:
+    """The optimised move at one α and its two random controls (total and row-space norm matched)."""
+    optimised = optimise_intervention(z, labels, sae.decode, x, config)
+    moves = {"optimised": _decomposed(optimised, z, labels, sae.decode, x, config.clamp_nonnegative, basis)}
+    control = random_control(z, labels, sae.decode, x, config, float(optimised.displacement_norm[-1]), control_seed,
+                             path=False)
+    moves["control"] = _decomposed(control, z, labels, sae.decode, x, config.clamp_nonnegative, basis)
+    if basis is not None:
+        row = random_control_row(z, labels, sae.decode, x, config, moves["optimised"]["row_norm"],
+                                 control_seed + ROW_CONTROL_SEED_OFFSET, basis, path=False)
+        moves["control_row"] = _decomposed(row, z, labels, sae.decode, x, config.clamp_nonnegative, basis)
+    return moves
+
+
+def _paper_runs(z, labels, x, sae, base: InterventionConfig, direction: int, alphas, seeds,
+                step_scale: float) -> list[list[dict]]:
+    """The paper-literal search for every (α, seed): ΔSep, raw and z-scored ΔMSE, accepted steps."""
+    runs = []
+    for alpha in alphas:
+        row = []
+        for seed in seeds:
+            t = paper_search(z, labels, sae.decode, x, alpha, base.lam, direction, seed=seed, step_scale=step_scale)
+            row.append({"delta_sep": t.delta_separability, "delta_mse": t.delta_mse,
+                        "delta_mse_zscored": float(t.mse_zscored[-1] - t.mse_zscored[0]),
+                        "accepted": int((np.diff(t.objective) != 0).sum())})
+        runs.append(row)
+    return runs
+
+
 @task(name="intervene",
-      task_run_name="intervene {model_name} {hook} {concept} {base.objective} dir {direction} α {alpha}",
+      task_run_name="intervene {model_name} {hook} {concept} {base.objective} dir {direction}",
       cache_policy=NO_CACHE, retries=1)
 def intervention_cell(out: str, model_name: str, hook: str, concept: str, sae_path: str, sae_id: str,
-                      seed: int, base: InterventionConfig, direction: int, alpha: float,
-                      control_seed: int, content: str = "", sample: tuple[int, int, int] | None = None) -> dict:
-    """Optimise Δ for one (direction, α) and evaluate a random control of equal displacement.
+                      seed: int, base: InterventionConfig, direction: int, alphas: tuple[float, ...],
+                      control_seed: int, content: str = "", sample: tuple[int, int, int] | None = None,
+                      paper_seeds: tuple[int, ...] = (), paper_step_scale: float = PAPER_STEP_SCALE) -> dict:
+    """Every α of one (concept, objective, direction): the optimised move, its random controls matched
+    on the total and on the row-space displacement, the row/null-space split of each; the pure
+    separability move (λ = 0, once: Adam makes it α-free). Objective "paper": the paper-literal search
+    for every (α, seed) instead.
 
     `content` fingerprints what the cell reads (part of the cache key, see tasks/caching.py)."""
     keep_freed_memory()
@@ -82,9 +143,13 @@ def intervention_cell(out: str, model_name: str, hook: str, concept: str, sae_pa
         z, labels, x, sae = cell_inputs(out, model_name, hook, concept, sae_path, sae_id, seed, content, sample)
         if n_clusters(labels) < 2:
             return {"skipped": f"{n_clusters(labels)} cluster(s) in latent space; the intervention needs ≥ 2"}
-        config = replace(base, direction=direction, alpha=alpha)
-        optimised = optimise_intervention(z, labels, sae.decode, x, config)
-        control = random_control(z, labels, sae.decode, x, config, float(optimised.displacement_norm[-1]),
-                                 control_seed)
-    return {"skipped": "", "optimised": _trajectory(optimised), "control": _trajectory(control),
-            "n_tokens": int(z.shape[0]), "n_clusters": n_clusters(labels)}
+        common = {"skipped": "", "n_tokens": int(z.shape[0]), "n_clusters": n_clusters(labels)}
+        if base.objective == "paper":
+            return {**common, "paper": _paper_runs(z, labels, x, sae, base, direction, alphas, paper_seeds,
+                                                   paper_step_scale)}
+        basis, why = _row_basis(sae.decode, z.shape[1])
+        moves = [_alpha_cell(z, labels, x, sae, replace(base, direction=direction, alpha=alpha), control_seed + i, basis)
+                 for i, alpha in enumerate(alphas)]
+        pure = optimise_intervention(z, labels, sae.decode, x, replace(base, direction=direction, alpha=1.0, lam=0.0))
+    return {**common, "alphas": moves, "decomposition_reason": why,
+            "pure": _decomposed(pure, z, labels, sae.decode, x, base.clamp_nonnegative, basis)}

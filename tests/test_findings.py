@@ -10,7 +10,8 @@ from flows.config import StratifyConfig
 from flows.findings import claim_findings, findings_dataset
 from flows.stratify import _cells, stratification_dataset
 from flows.causal import causal_dataset
-from flows.config import CausalStageConfig
+from flows.config import CausalStageConfig, InterventionStageConfig
+from flows.intervention import intervention_dataset
 from saema_core.findings import separability_findings, stratification_findings, structure_findings
 from saema_core.ranks import ESTIMATORS, MODES
 from saema_core.structure_metrics import identity_agreement
@@ -85,14 +86,41 @@ def test_local_dimension_up_and_global_compressed():
     assert _by_space(structure_findings(nan))["latent"].verdict == "not informative"
 
 
-def _intervention(r_opt, p_opt, r_ctl, p_ctl) -> xr.Dataset:
-    dims = ("concept", "objective", "intervention")
-    shape = (len(CONCEPTS), 1, 2)
-    r = np.broadcast_to(np.array([r_opt, r_ctl]), shape).copy()
-    p = np.broadcast_to(np.array([p_opt, p_ctl]), shape).copy()
-    return xr.Dataset({"pearson_r": (dims, r), "pearson_p": (dims, p),
-                       "skipped": (dims[:2], np.full(shape[:2], "", dtype=object))},
-                      coords={"concept": CONCEPTS, "objective": ["aedp"], "intervention": ["optimised", "control"]})
+def _intervention(lowers_mse: bool = True) -> xr.Dataset:
+    """An intervention group built by the stage's own `intervention_dataset` from synthetic cell results:
+    ΔMSE = 0.1·ΔSep + noise for the optimised moves, pure moves that separate, a paper search that moves."""
+    cfg = InterventionStageConfig(alphas=(0.5, 1.0, 1.5), steps=2, n_boot=100, paper_seeds=2)
+    rng = np.random.default_rng(0)
+
+    def move(sep: float) -> dict:
+        mse = 0.1 * sep + rng.normal(scale=0.01)
+        return {"objective": [0, 0, 0], "separability": [1.0, 1.0, 1.0 + sep], "mse": [2.0, 2.0, 2.0 + mse],
+                "mse_zscored": [0.1] * 3, "explained_variance": [0.9] * 3, "displacement_norm": [0.0, 0.5, abs(sep)],
+                "row_norm": abs(sep) / 2, "null_norm": abs(sep) / 2, "delta_mse_row": mse, "delta_mse_null": 0.0}
+
+    cells, results = [], []
+    for concept in CONCEPTS:
+        for objective in cfg.objectives:
+            for direction in cfg.directions:
+                cells.append((HOOK, concept, objective, direction))
+                if objective == "paper":
+                    run = {"delta_sep": 0.2 * direction, "delta_mse": -0.01 if lowers_mse else 0.01,
+                           "delta_mse_zscored": -0.001, "accepted": 3}
+                    results.append({"skipped": "", "paper": [[run, run] for _ in cfg.alphas]})
+                    continue
+                alphas = [{kind: move(direction * a * rng.uniform(0.5, 1.5)) for kind in ("optimised", "control", "control_row")}
+                          for a in cfg.alphas]
+                results.append({"skipped": "", "alphas": alphas, "pure": move(direction * 0.8),
+                                "decomposition_reason": ""})
+    return intervention_dataset("m", cells, results, cfg, [HOOK], list(CONCEPTS)).sel(model="m", hook=HOOK)
+
+
+def test_intervention_dataset_slopes_use_concepts_as_replicates():
+    ds = _intervention()
+    slope = ds["slope"].sel(objective="aedp", intervention="optimised")
+    assert float(slope) == pytest.approx(0.1, abs=0.02)
+    assert int(ds["n_replicates"].sel(objective="aedp", intervention="optimised")) == len(CONCEPTS)
+    assert (ds["paper_lower_mse_fraction"] == 1.0).all()
 
 
 def _causal(mse_by_beta) -> xr.Dataset:
@@ -112,13 +140,14 @@ def _causal(mse_by_beta) -> xr.Dataset:
     ([25, 25, 25, 25, 25], "not informative"),      # no effect: the CI covers 0
 ])
 def test_separability_verdict_comes_from_the_training_time_test(mse, verdict):
-    row, = separability_findings(_causal(mse), _intervention(0.99, 1e-6, 0.98, 1e-6))
+    row, = separability_findings(_causal(mse), _intervention())
     assert row.verdict == verdict and row.why.startswith("training-time test")
-    assert "post-hoc" in row.numbers and "random control +0.98" in row.numbers
+    assert "post-hoc" in row.numbers and "λ = 0 moves separating" in row.numbers
+    assert "paper-literal search" in row.numbers and "lowered the MSE in 100%" in row.numbers
 
 
 def test_separability_without_the_causal_test_is_not_tested():
-    row, = separability_findings(None, _intervention(-0.9, 1e-4, 0.1, 0.7))
+    row, = separability_findings(None, _intervention())
     assert row.verdict == "not tested" and "saema causal" in row.why and "post-hoc" in row.numbers
 
 

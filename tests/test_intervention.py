@@ -22,8 +22,14 @@ from saema_core.intervention import (
     mse_zscored,
     optimise_intervention,
     random_control,
+    decompose_move,
+    linear_decoder,
+    paper_search,
+    random_control_row,
     random_search,
+    row_space_basis,
     run_sweep,
+    split_displacement,
     translate,
 )
 from saema_core.statistics import correlate, verdict
@@ -387,3 +393,127 @@ def test_bounded_sample_keeps_the_largest_clusters_and_caps_their_tokens():
     small = bounded_sample(labels, max_clusters=10, max_per_cluster=100, seed=0)
     np.testing.assert_array_equal(small, np.flatnonzero(labels >= 0))  # noise left out, nothing capped
     assert bounded_sample(np.full(5, -1), 3, 10, seed=0).size == 0
+
+
+# ----------------------------------------------------------------------------- row / null space
+
+
+class LinearDecoder(torch.nn.Module):
+    """D(z) = z·W_dec + b_dec with a wide W_dec (K > d), so the null space is not empty."""
+
+    def __init__(self, k: int = 12, d: int = 5, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.W_dec = torch.nn.Parameter(torch.randn(k, d, generator=g, dtype=F64), requires_grad=False)
+        self.b_dec = torch.nn.Parameter(torch.randn(d, generator=g, dtype=F64), requires_grad=False)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.W_dec + self.b_dec
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000))
+def test_row_and_null_parts_sum_back_and_the_null_part_is_invisible(seed):
+    decoder = LinearDecoder(seed=seed % 7)
+    basis = row_space_basis(decoder.W_dec)
+    assert basis.shape == (12, 5)
+    delta = torch.randn(9, 12, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    row, null = split_displacement(delta, basis)
+    torch.testing.assert_close(row + null, delta)
+    z = torch.rand(9, 12, dtype=F64)
+    torch.testing.assert_close(decoder.decode(z + null), decoder.decode(z), rtol=0, atol=1e-12)
+    assert float((row * null).sum()) == pytest.approx(0.0, abs=1e-10)
+
+
+def test_decompose_move_reports_the_mse_of_each_part():
+    decoder = LinearDecoder()
+    g = torch.Generator().manual_seed(1)
+    z, x = torch.rand(8, 12, generator=g, dtype=F64), torch.randn(8, 5, generator=g, dtype=F64)
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    translations = torch.randn(2, 12, generator=g, dtype=F64)
+    parts = decompose_move(z, labels, decoder.decode, x, translations, clamp=False)
+    moved = translate(z, clusters_from_labels(labels, 8).token_cluster, translations, clamp=False)
+    total = float(((decoder.decode(moved) - x) ** 2).mean() - ((decoder.decode(z) - x) ** 2).mean())
+    assert parts.delta_mse_row == pytest.approx(total, rel=1e-9)  # the row part carries the whole effect
+    assert parts.delta_mse_null == pytest.approx(0.0, abs=1e-12)
+    delta = moved - z
+    assert parts.row_norm ** 2 + parts.null_norm ** 2 == pytest.approx(float((delta ** 2).sum()), rel=1e-9)
+
+
+class NonLinear(torch.nn.Module):
+    """Has a W_dec, but decodes through tanh."""
+
+    def __init__(self, inner: LinearDecoder) -> None:
+        super().__init__()
+        self.W_dec = inner.W_dec
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(z @ self.W_dec)
+
+
+def test_a_decoder_that_is_not_linear_is_refused():
+    decoder = LinearDecoder()
+    with pytest.raises(ValueError, match="not linear"):
+        linear_decoder(NonLinear(decoder).decode, 12)
+    with pytest.raises(ValueError, match="needs a linear decoder"):
+        linear_decoder(lambda z: z[:, :5], 12)
+
+
+def test_row_matched_control_moves_the_row_space_as_far():
+    decoder = LinearDecoder()
+    g = torch.Generator().manual_seed(2)
+    z, x = torch.rand(8, 12, generator=g, dtype=F64), torch.randn(8, 5, generator=g, dtype=F64)
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    for clamp in (False, True):
+        config = build_config(clamp_nonnegative=clamp)
+        control = random_control_row(z, labels, decoder.decode, x, config, 0.7, seed=3)
+        parts = decompose_move(z, labels, decoder.decode, x, control.translations, clamp)
+        assert parts.row_norm == pytest.approx(0.7, rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- the paper's procedure
+
+
+def test_paper_search_reproduces_its_stated_steps_on_a_toy():
+    """Three clusters, a linear decoder: the procedure re-done by hand from its docstring, step by step."""
+    decoder = LinearDecoder(k=6, d=4)
+    g = torch.Generator().manual_seed(5)
+    z = torch.rand(9, 6, generator=g, dtype=F64)
+    x = decoder.decode(z) + 0.1 * torch.randn(9, 4, generator=g, dtype=F64)
+    labels = np.repeat([0, 1, 2], 3)
+    alpha, lam, scale = 0.8, 1.0, 0.5
+    result = paper_search(z, labels, decoder.decode, x, alpha, lam, direction=1, seed=11, step_scale=scale)
+
+    mean, spread = z.mean(1, keepdim=True), z.std(1, unbiased=False, keepdim=True) + 1e-8
+    scored = (z - mean) / spread
+
+    def zscore(a):
+        a = a - a.mean(1, keepdim=True)
+        return a / (a.std(1, unbiased=False, keepdim=True) + 1e-8)
+
+    def loss(shifts):
+        moved = scored + shifts[labels]
+        centroids = torch.stack([moved[labels == c].mean(0) for c in range(3)])
+        aedp_value = torch.pdist(centroids).mean()
+        return float(1 / aedp_value + lam * ((zscore(decoder.decode(mean + spread * moved)) - zscore(x)) ** 2).mean())
+
+    generator = torch.Generator().manual_seed(11)
+    best, losses = torch.zeros(3, 6, dtype=F64), []
+    losses.append(loss(best))
+    for _ in range(10):
+        proposal = best + alpha * scale * torch.randn(3, 6, generator=generator, dtype=F64)
+        if loss(proposal) < losses[-1]:
+            best = proposal
+        losses.append(min(loss(proposal), losses[-1]))
+    np.testing.assert_allclose(result.objective, losses, rtol=1e-12)
+    torch.testing.assert_close(torch.as_tensor(result.translations), best)
+    assert result.delta_separability > 0  # 1/AEDP pushes the clusters apart
+
+
+def test_paper_search_refuses_bad_settings():
+    decoder = LinearDecoder()
+    z, x = torch.rand(6, 12, dtype=F64), torch.rand(6, 5, dtype=F64)
+    with pytest.raises(ValueError, match="step_scale"):
+        paper_search(z, np.repeat([0, 1], 3), decoder.decode, x, 1.0, step_scale=0.0)
+    with pytest.raises(ValueError, match="direction"):
+        paper_search(z, np.repeat([0, 1], 3), decoder.decode, x, 1.0, direction=0)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from flows.config import (ExtractConfig, InterventionStageConfig, PipelineConfig, SAEStageConfig,
+from flows.config import (CausalStageConfig, ExtractConfig, InterventionStageConfig, PipelineConfig, SAEStageConfig,
                           StratifyConfig, StructureStageConfig)
 from flows.pipeline import saema_pipeline
 from storage import latent_store
@@ -37,7 +37,8 @@ def pipeline_run(tmp_path_factory, tiny_model_dirs):
         sae=SAEStageConfig(expansion=4, k=8, n_steps=30, batch_size=256, dead_tokens=2000),
         stratify=StratifyConfig(noise_levels=(0.0, 0.1, 1.0), replicates=2, n_workers=2),
         structure=StructureStageConfig(seeds=(42, 43), n_components=5, min_cluster_size=5),
-        intervention=InterventionStageConfig(alphas=(0.5, 1.0, 1.5), steps=3, n_boot=200))
+        intervention=InterventionStageConfig(alphas=(0.5, 1.0, 1.5), steps=3, n_boot=200, paper_seeds=2),
+        causal=CausalStageConfig(betas=(-1.0, 0.0, 1.0), seeds=(1, 2), n_clusters=4, steps=5, batch_size=64))
     saema_pipeline(cfg)
     return cfg
 
@@ -168,25 +169,47 @@ def test_structure_group_keeps_labels_and_tokens(pipeline_run):
     assert Path(out, "plots", f"structure_{HOOK}_planets.png").stat().st_size > 1000
 
 
-def test_intervention_group_has_trajectories_statistics_and_verdicts(pipeline_run):
+def test_intervention_group_has_moves_controls_decomposition_and_the_paper_baseline(pipeline_run):
     out, model = pipeline_run.extract.out, pipeline_run.extract.model.name
     ds = read_group(out, "intervention").sel(model=model, hook=HOOK)
     assert set(ds.objective.values) == {"aedp", "gw"} and ds.sizes["step"] == 4
+    assert set(ds.stage_objective.values) == {"aedp", "gw", "paper"} and ds.sizes["paper_seed"] == 2
     ran = ds.skipped.values == ""
-    for concept, objective in zip(*np.nonzero(ran)):
+    for concept, objective in zip(*np.nonzero(ran[:, :2])):
         cell = ds.isel(concept=concept, objective=objective)
-        assert np.isfinite(cell.separability.values).all()
-        assert cell.verdict.values.item() != ""
-        # The control moves exactly as far as its optimised twin.
-        np.testing.assert_allclose(cell.displacement_norm.sel(intervention="control").isel(step=-1),
-                                   cell.displacement_norm.sel(intervention="optimised").isel(step=-1), rtol=1e-4)
+        assert np.isfinite(cell.separability.sel(intervention="optimised").values).all()
+        final = cell.isel(step=-1)
+        # The controls move exactly as far as their optimised twin: in total, and in the row space.
+        np.testing.assert_allclose(final.displacement_norm.sel(intervention="control"),
+                                   final.displacement_norm.sel(intervention="optimised"), rtol=1e-4)
+        np.testing.assert_allclose(cell.row_norm.sel(intervention="control_row"),
+                                   cell.row_norm.sel(intervention="optimised"), rtol=1e-4)
+        assert np.abs(cell.delta_mse_null.values).max() < 1e-6
+        assert np.isfinite(cell.pure_delta_sep.values).all()
+    for concept in np.nonzero(ran[:, 2])[0]:
+        assert np.isfinite(ds.paper_delta_mse.isel(concept=concept).values).all()
     for concept, objective in zip(*np.nonzero(~ran)):
         assert "cluster" in ds.skipped.values[concept, objective]
+    assert "slope" in ds and ds.n_replicates.dims == ("objective", "intervention")
+
+
+def test_causal_group_holds_every_sae_its_statistics_and_a_verdict(pipeline_run):
+    out, model = pipeline_run.extract.out, pipeline_run.extract.model.name
+    ds = read_group(out, "causal").sel(model=model, hook=HOOK).load()
+    assert ds.mse.dims == ("beta", "seed") and ds.mse.shape == (3, 2)
+    assert np.isfinite(ds.mse.values).all() and np.isfinite(ds.separability.values).all()
+    assert ds.verdict.item() in {"supported", "contradicted", "inconclusive"} and ds.verdict_reason.item()
+    assert float(ds.l0.max()) <= 8 + 1e-6  # equal L0: TopK k is kept
+    from pathlib import Path
+    folders = list(Path(out, "saes").rglob("causal/*-beta*"))
+    assert len(folders) == 6 and all((f / "cfg.json").exists() for f in folders)
+    row = read_group(out, "findings").sel(model=model, hook=HOOK, claim="separability", space="latent").load()
+    assert row.why.item().startswith("training-time test") and "post-hoc" in row.numbers.item()
 
 
 def test_results_open_with_plain_xarray(pipeline_run):
     tree = xr.open_datatree(f"{pipeline_run.extract.out}/results.zarr", engine="zarr")
-    assert {"sae_eval", "stratification", "strata", "structure", "intervention"} <= set(tree.children)
+    assert {"sae_eval", "stratification", "strata", "structure", "intervention", "causal"} <= set(tree.children)
     from pathlib import Path
     html = Path(pipeline_run.extract.out, "report.html").read_text()
     assert "data:image/png;base64," in html and "intervention" in html

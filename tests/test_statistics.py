@@ -14,6 +14,7 @@ from saema_core.statistics import (
     CorrelationEstimate,
     CorrelationStats,
     correlate,
+    replicate_slope,
     rowwise_pearson,
     rowwise_spearman,
     strength,
@@ -187,3 +188,36 @@ def test_verdict_uses_the_given_alpha():
     assert verdict(stats_with(-0.5, 0.03), UNDEFINED, alpha=0.01).startswith("No relationship")
     with pytest.raises(ValueError, match="alpha must be in"):
         verdict(stats_with(-0.5, 0.03), UNDEFINED, alpha=0.0)
+
+
+# ----------------------------------------------------------------------------- replicate regression
+
+
+def _replicated(slope: float, n_groups: int = 8, per: int = 10, seed: int = 0):
+    """y = slope·x + 2·norm + group offset + noise, with norm correlated with x (the confound)."""
+    rng = np.random.default_rng(seed)
+    groups = np.repeat(np.arange(n_groups), per)
+    x = rng.normal(size=groups.size)
+    norm = np.abs(x) + rng.uniform(0, 0.5, size=groups.size)
+    y = slope * x + 2.0 * norm + rng.normal(size=n_groups)[groups] * 0.1 + rng.normal(scale=0.05, size=groups.size)
+    return y, x, norm, groups
+
+
+def test_replicate_slope_recovers_a_known_slope_with_the_confound_held_fixed():
+    y, x, norm, groups = _replicated(-0.7)
+    estimate = replicate_slope(y, x, norm, groups, n_boot=500)
+    assert estimate.slope == pytest.approx(-0.7, abs=0.05)
+    assert estimate.ci_low < -0.7 < estimate.ci_high and estimate.ci_high < 0
+    assert (estimate.n_replicates, estimate.n_points, estimate.reason) == (8, 80, None)
+
+
+def test_replicate_slope_of_an_independent_outcome_covers_zero():
+    y, x, norm, groups = _replicated(0.0, seed=4)
+    estimate = replicate_slope(y, x, norm, groups, n_boot=500)
+    assert estimate.ci_low < 0 < estimate.ci_high
+
+
+def test_replicate_slope_says_why_it_is_undefined():
+    y, x, norm, groups = _replicated(1.0)
+    assert "replicate" in replicate_slope(y, x, norm, groups % 2).reason
+    assert "collinear" in replicate_slope(y, x, 3 * x, groups).reason
