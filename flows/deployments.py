@@ -7,6 +7,7 @@ from prefect import flow
 from flows.config import (
     DEFAULT_HOOKS,
     DEFAULT_OUT,
+    CausalStageConfig,
     ExtractConfig,
     PipelineConfig,
     SAEStageConfig,
@@ -31,6 +32,9 @@ def scheduled_pipeline(
     sae_batch_size: int = SAEStageConfig.batch_size,
     noise_levels: tuple[float, ...] = StratifyConfig.noise_levels,
     replicates: int = StratifyConfig.replicates,
+    causal_betas: tuple[float, ...] = CausalStageConfig.betas,
+    causal_seeds: tuple[int, ...] = CausalStageConfig.seeds,
+    causal_steps: int = CausalStageConfig.steps,
     dask_address: str | None = None,
     n_workers: int = StratifyConfig.n_workers,
     stages: tuple[str, ...] = STAGES,
@@ -49,5 +53,6 @@ def scheduled_pipeline(
                               concept_contexts=concept_contexts),
         sae=SAEStageConfig(n_steps=sae_steps, batch_size=sae_batch_size),
         stratify=StratifyConfig(noise_levels=tuple(noise_levels), replicates=replicates,
-                                dask_address=dask_address, n_workers=n_workers))
+                                dask_address=dask_address, n_workers=n_workers),
+        causal=CausalStageConfig(betas=tuple(causal_betas), seeds=tuple(causal_seeds), steps=causal_steps))
     saema_pipeline(cfg, stages=tuple(stages))

@@ -22,7 +22,7 @@ from storage.provenance import config_hash, provenance
 from storage.sae_checkpoints import load_sae, save_sae
 from tasks.allocator import keep_freed_memory
 from tasks.progress import StageProgress
-from tasks.sae import _cached_sae, _ce_loss_values
+from tasks.sae import cached_sae, ce_loss_values
 from tasks.threads import pinned_threads
 
 #: SAE architectures the trainer can fine-tune (`saema_core.sae_training`).
@@ -118,7 +118,7 @@ def causal_cell(out: str, model_name: str, hook: str, base_path: str, base_id: s
     key = config_hash({"base": content, "beta": beta, "seed": seed, "steps": steps,
                        "batch_size": batch_size, "holdout": holdout_fraction})
     with pinned_threads(1):
-        sae = _cached_sae(folder, key)
+        sae = cached_sae(folder, key)
         if sae is None:
             metadata = provenance(model_name=model_name, hook_name=hook, saema_training_key=key, causal_beta=beta,
                                   causal_seed=seed, base_sae=base_id)
@@ -128,6 +128,6 @@ def causal_cell(out: str, model_name: str, hook: str, base_path: str, base_id: s
             save_sae(sae, folder)
             write_text(join(folder, "training_history.json"), json.dumps(result.history.as_dict()))
         outcome = held_out_outcome(url, hook, sae, centroids, holdout_fraction)
-        ce = (_ce_loss_values(url, hook, store.corpus_chunks(url, hook, holdout_fraction)[1], sae, ce_model,
+        ce = (ce_loss_values(url, hook, store.corpus_chunks(url, hook, holdout_fraction)[1], sae, ce_model,
                               ce_sequences) if ce_model is not None else {"ce_loss_score": float("nan")})
     return {"skipped": "", **outcome, "ce_loss_score": float(ce["ce_loss_score"]), "path": folder}

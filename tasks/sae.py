@@ -55,7 +55,7 @@ def _training_key(cfg: SAEStageConfig, kind: str, corpus_hash: str, model_revisi
     return config_hash({**fields, "kind": kind, "corpus": corpus_hash, "model": model_revision})
 
 
-def _cached_sae(folder: str, key: str) -> SAE | None:
+def cached_sae(folder: str, key: str) -> SAE | None:
     """The SAE in `folder` (a path or fsspec URL) if it was trained with this training key."""
     cfg_file = join(folder, "cfg.json")
     if not exists(cfg_file):
@@ -89,7 +89,7 @@ def train_or_load_sae(out: str, model_name: str, hook: str, kind: str, cfg: SAES
         return SAERef(str(user_path), basename(str(user_path)), kind, sae_hash(sae), hook)
     key = _training_key(cfg, kind, corpus.attrs["content_hash"], corpus.attrs["model_revision"])
     folder = canonical(join(out, "saes", model_slug(model_name), hook, sae_id(cfg, kind, d_model)))
-    sae = _cached_sae(folder, key)
+    sae = cached_sae(folder, key)
     if sae is None:
         metadata = provenance(model_name=model_name, hook_name=hook, saema_training_key=key,
                               corpus_hash=corpus.attrs["content_hash"])
@@ -143,7 +143,7 @@ def evaluate_sae(out: str, model_name: str, ref: SAERef, holdout_fraction: float
     values = {name: float(getattr(result, name)) for name in
               ("mse", "explained_variance", "cossim", "l0", "l1", "dead_fraction", "dense_fraction", "n_tokens")}
     spec = model or ModelSpec(name=model_name)
-    return {**values, **_ce_loss_values(url, ref.hook, held_out, sae, spec, ce_sequences)}
+    return {**values, **ce_loss_values(url, ref.hook, held_out, sae, spec, ce_sequences)}
 
 
 def _held_out_sequences(corpus, held_out: list[slice], n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +167,7 @@ def _ce_loss_nan(reason: str) -> dict[str, float | str]:
     return {**dict.fromkeys(CE_LOSS_NAMES, float("nan")), "ce_loss_reason": reason}
 
 
-def _ce_loss_values(url: str, hook: str, held_out: list[slice], sae: SAE, spec: ModelSpec,
+def ce_loss_values(url: str, hook: str, held_out: list[slice], sae: SAE, spec: ModelSpec,
                     n_sequences: int) -> dict[str, float | str]:
     """`ce_loss_score` and its three losses under SAELens names, or NaN and the reason."""
     if not held_out:

@@ -17,6 +17,7 @@ import torch
 import xarray as xr
 
 from flows.config import (
+    CausalStageConfig,
     ExtractConfig,
     InterventionStageConfig,
     PipelineConfig,
@@ -51,7 +52,8 @@ def build_cfg(out: str, model: str, corpus: str, dask_address: str | None) -> Pi
                                 dask_address=dask_address),
         structure=StructureStageConfig(seeds=(42,), spaces=SPACES, n_components=3, min_cluster_size=5),
         intervention=InterventionStageConfig(objectives=("aedp",), alphas=(0.5, 1.0, 1.5), directions=(1,),
-                                             steps=2, n_boot=50))
+                                             steps=2, n_boot=50),
+        causal=CausalStageConfig(betas=(-1.0, 0.0, 1.0), seeds=(1, 2), n_clusters=2, steps=3, batch_size=64))
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +123,7 @@ def test_checkpoints_plots_and_report_live_under_the_url(runs):
 def test_rerun_into_memory_finds_the_done_flags_and_the_trained_sae(runs):
     cfg = runs["memory"]
     fs, root = locations.filesystem(cfg.extract.out)
-    (weights,) = [p for p in fs.find(root) if p.endswith("sae_weights.safetensors")]
+    (weights,) = [p for p in fs.find(root) if p.endswith("sae_weights.safetensors") and "/causal/" not in p]
     created = fs.info(weights)["created"]
     refs = extract_flow(cfg.extract)
     assert refs and not any(ref.computed for ref in refs)

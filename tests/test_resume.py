@@ -26,7 +26,9 @@ def _command(out: Path, model: str, corpus: Path) -> list[str]:
             "--corpus-seq-len", "64", "--corpus-batch-size", "8", "--batch-size", "16",
             "--expansion", "4", "--k", "8", "--steps", "30", "--sae-batch-size", "256",
             "--noise-levels", "0", "0.1", "1", "--replicates", "2", "--umap-seeds", "42",
-            "--min-cluster-size", "5", "--alphas", "0.5", "1", "1.5", "--intervention-steps", "3"]
+            "--min-cluster-size", "5", "--alphas", "0.5", "1", "1.5", "--intervention-steps", "3",
+            "--paper-seeds", "2", "--causal-betas", "-1", "0", "1", "--causal-seeds", "1", "2", "--causal-steps", "5",
+            "--causal-clusters", "4"]
 
 
 def _start(out: Path, model: str, corpus: Path) -> subprocess.Popen:
