@@ -21,6 +21,7 @@ from storage.models import ModelSpec
 from storage.provenance import config_hash, provenance
 from storage.sae_checkpoints import load_sae, save_sae
 from tasks.allocator import keep_freed_memory
+from tasks.caching import code_version
 from tasks.progress import StageProgress
 from tasks.sae import cached_sae, ce_loss_values
 from tasks.threads import pinned_threads
@@ -115,8 +116,8 @@ def causal_cell(out: str, model_name: str, hook: str, base_path: str, base_id: s
                            f"{base.cfg.normalize_activations!r} (trainable: {', '.join(TRAINABLE)} reading raw "
                            f"activations)"}
     folder = causal_sae_folder(out, model_name, hook, base_id, beta, seed)
-    key = config_hash({"base": content, "beta": beta, "seed": seed, "steps": steps,
-                       "batch_size": batch_size, "holdout": holdout_fraction})
+    key = config_hash({"base": content, "beta": beta, "seed": seed, "steps": steps, "batch_size": batch_size,
+                       "holdout": holdout_fraction, "code": code_version()})
     with pinned_threads(1):
         sae = cached_sae(folder, key)
         if sae is None:
