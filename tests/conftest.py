@@ -28,3 +28,14 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, str]:
     """A saved tiny random model of every supported architecture: {architecture: folder}."""
     root = tmp_path_factory.mktemp("models")
     return {arch: str(save_tiny_model(arch, root / arch)) for arch in ARCHITECTURES}
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny matmuls on a shared 2-core machine run far faster without OpenMP thread contention."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

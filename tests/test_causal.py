@@ -30,12 +30,7 @@ from saema_core.separability import aedp
 BETAS = (-1.0, -0.3, 0.0, 0.3, 1.0)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -26,13 +26,7 @@ from saema_core.sae_training import (
 D_IN, N_ATOMS, ACTIVE = 32, 64, 3
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny matmuls on a shared 2-core machine run far faster without OpenMP thread contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def planted_dictionary(seed: int = 1) -> torch.Tensor:
