@@ -131,9 +131,9 @@ def _dose_panel(ax, cell: xr.Dataset, objective: str) -> None:
     ax.set_title(f"{objective}: dose axis", fontsize=8)
 
 
-def _paper_panel(ax, ds: xr.Dataset) -> None:
-    """The paper-literal search: raw ΔMSE per (α, seed) of the separating direction, colour = concept."""
-    change = ds.paper_delta_mse.sel(direction=1) if 1 in ds.direction.values else ds.paper_delta_mse.isel(direction=0)
+def _paper_panel(ax, ds: xr.Dataset, direction: int) -> None:
+    """The paper-literal search in one direction: raw ΔMSE per (α, seed), colour = concept."""
+    change = ds.paper_delta_mse.sel(direction=direction)
     for i, concept in enumerate(ds.concept.values):
         values = change.sel(concept=concept)
         for seed in values.paper_seed.values:
@@ -142,7 +142,8 @@ def _paper_panel(ax, ds: xr.Dataset) -> None:
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xlabel("α (step scale of the random search)")
     ax.set_ylabel("raw ΔMSE (one point per seed)")
-    ax.set_title("paper-literal search, separating: the sign depends on concept and seed", fontsize=8)
+    name = "separating (best of 1/AEDP + λ·MSE)" if direction == 1 else "merging (best of AEDP + λ·MSE)"
+    ax.set_title(f"paper-literal search, {name}", fontsize=8)
     ax.legend(fontsize=6, ncol=2)
 
 
@@ -151,7 +152,7 @@ def plot_intervention(ds: xr.Dataset, path: str) -> str:
     objectives = list(ds.objective.values)
     paper = "paper_delta_mse" in ds
     rows = len(objectives) + int(paper)
-    fig, axes = plt.subplots(rows, 2, figsize=(11, 3.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, 2, figsize=(12, 4.2 * rows), squeeze=False, layout="constrained")
     for row, objective in zip(axes, objectives):
         cell = ds.sel(objective=objective)
         _moves_panel(row[0], cell, objective)
@@ -159,8 +160,10 @@ def plot_intervention(ds: xr.Dataset, path: str) -> str:
     if objectives:
         axes[0][0].legend(fontsize=6, ncol=2)
     if paper:
-        _paper_panel(axes[-1][0], ds)
-        axes[-1][1].axis("off")
+        for ax, direction in zip(axes[-1], ds.direction.values):
+            _paper_panel(ax, ds, int(direction))
+        for ax in axes[-1][ds.sizes["direction"]:]:
+            ax.axis("off")
     return _save(fig, path)
 
 
@@ -168,7 +171,7 @@ def plot_causal(ds: xr.Dataset, path: str, title: str) -> str:
     """The training-time test of one hook: held-out MSE against achieved separability (one point per
     SAE, colour = β, one line per seed), and the relative MSE change against β with the seeds' CI."""
     betas, seeds = ds.beta.values, ds.seed.values
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4), layout="constrained")
     norm = matplotlib.colors.TwoSlopeNorm(vmin=min(betas.min(), -1e-9), vcenter=0.0, vmax=max(betas.max(), 1e-9))
     markers = "osD^v<>p"
     for i, seed in enumerate(seeds):
