@@ -229,8 +229,9 @@ def pipeline_command(*stages: str) -> Callable[[argparse.Namespace], None]:
         from flows.backend import prefect_backend
         from flows.pipeline import STAGES, saema_pipeline
 
+        cfg = pipeline_config(args)  # bad options fail here, before a Prefect server starts
         with prefect_backend():
-            saema_pipeline(pipeline_config(args), stages=stages or STAGES)
+            saema_pipeline(cfg, stages=stages or STAGES)
 
     return command
 
