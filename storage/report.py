@@ -25,7 +25,7 @@ import pandas as pd
 import xarray as xr
 
 from storage.locations import is_local, local_path, write_text
-from storage.plots import plot_rank_vs_noise
+from storage.plots import plot_causal, plot_rank_vs_noise
 from storage.provenance import provenance
 from storage.results import GROUPS, open_results, results_url
 
@@ -174,10 +174,39 @@ def stratification_section(ds: xr.Dataset) -> list[str]:
 
 
 def plotted_names(tree: xr.DataTree) -> set[str]:
-    """Files under <out>/plots/ that the report regenerates (the stratify flow's per-hook plots)."""
-    if "stratification" not in tree.children:
-        return set()
-    return {f"stratification_{hook}.png" for hook in tree["stratification"].ds.hook.values}
+    """Files under <out>/plots/ that the report regenerates (the stratify and causal flows' per-hook plots)."""
+    return {f"{group}_{hook}.png" for group in ("stratification", "causal") if group in tree.children
+            for hook in tree[group].ds.hook.values}
+
+
+# --- causal test ------------------------------------------------------------------------------------
+
+_CAUSAL_TABLE = ("mse", "explained_variance", "separability", "separability_ratio", "l0", "ce_loss_score")
+
+
+def dose_response_frame(cell: xr.Dataset) -> pd.DataFrame:
+    """Rows β; per outcome the mean over seeds and the seeds' standard deviation."""
+    names = [n for n in _CAUSAL_TABLE if n in cell]
+    mean = cell[names].mean("seed").to_dataframe()[names]
+    spread = cell[names].std("seed").to_dataframe()[names].add_suffix(" (sd over seeds)")
+    return pd.concat([mean, spread], axis=1)[[c for n in names for c in (n, f"{n} (sd over seeds)")]]
+
+
+def causal_section(ds: xr.Dataset) -> list[str]:
+    """Per (model, hook): the verdict in words, the dose–response table and its plot."""
+    parts = []
+    for model in ds.model.values:
+        for hook in ds.hook.values:
+            cell = ds.sel(model=model, hook=hook).load()
+            if not str(cell["verdict"].values):
+                continue  # this (model, hook) was never tested
+            parts += [f"<h3>{html.escape(f'{model}, {hook}')}: {html.escape(str(cell['verdict'].values))}</h3>",
+                      note_html(str(cell["verdict_reason"].values)), table_html(dose_response_frame(cell))]
+            with tempfile.TemporaryDirectory() as tmp:
+                path = plot_causal(cell, f"{tmp}/causal.png", f"{model} {hook}")
+                parts.append(image_html(data_uri(Path(path).read_bytes()),
+                                        f"held-out MSE vs achieved separability — {model}, {hook}"))
+    return parts or generic_section(ds)
 
 
 # --- strata -----------------------------------------------------------------------------------------
@@ -270,7 +299,7 @@ def findings_section(ds: xr.Dataset) -> list[str]:
 
 SECTIONS: dict[str, Callable[[xr.Dataset], list[str]]] = {
     "findings": findings_section, "sae_eval": sae_eval_section, "stratification": stratification_section,
-    "strata": strata_section}
+    "strata": strata_section, "causal": causal_section}
 
 
 def group_section(name: str, ds: xr.Dataset) -> str:

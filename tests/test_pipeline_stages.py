@@ -213,6 +213,7 @@ def test_results_open_with_plain_xarray(pipeline_run):
     from pathlib import Path
     html = Path(pipeline_run.extract.out, "report.html").read_text()
     assert "data:image/png;base64," in html and "intervention" in html
+    assert '<section id="causal">' in html and "held-out MSE vs achieved separability" in html
 
 
 def test_a_schedule_naming_a_model_that_cannot_load_fails_and_leaves_the_store_intact(pipeline_run):
