@@ -48,7 +48,7 @@ def _ce_model(out: str, model_name: str, hook: str, model: ModelSpec | None) -> 
 
 
 def causal_calls(out: str, model_name: str, hooks, sae_refs: list[SAERef], cfg: CausalStageConfig,
-                 holdout_fraction: float, model: ModelSpec | None) -> list[dict]:
+                 holdout_fraction: float, model: ModelSpec | None, dead_tokens: int) -> list[dict]:
     """One `causal_cell` call per (hook, β, seed), inputs fingerprinted."""
     saes = {ref.hook: ref for ref in sae_refs if ref.kind == "sae"}
     url = activation_store_url(out, model_name)
@@ -63,7 +63,8 @@ def causal_calls(out: str, model_name: str, hooks, sae_refs: list[SAERef], cfg: 
                               "base_id": saes[hook].sae_id, "centroids_path": centroids, "beta": beta, "seed": seed,
                               "steps": cfg.steps, "batch_size": cfg.batch_size,
                               "holdout_fraction": holdout_fraction, "ce_model": ce_model,
-                              "content": f"{corpus}|{saes[hook].hash}|{basename(centroids)}"})
+                              "content": f"{corpus}|{saes[hook].hash}|{basename(centroids)}",
+                              "init": cfg.init, "dead_tokens": dead_tokens})
     return calls
 
 
@@ -82,15 +83,16 @@ def causal_dataset(model_name: str, hooks: list[str], cfg: CausalStageConfig, re
     dims = ("model", "hook", "beta", "seed")
     data = {name: (dims, grid[name], {"long_name": name, "description": d, "units": u})
             for name, (d, u) in OUTCOMES.items()}
-    data.update(_statistics(grid, betas, skipped))
+    data.update(_statistics(grid, betas, skipped, cfg.init))
     data["skipped"] = (("model", "hook"), skipped, {"description": "why the hook was not tested ('' = it was)"})
     return xr.Dataset(data, coords={"model": [model_name], "hook": hooks, "beta": betas, "seed": seeds},
-                      attrs={"design": causal.__doc__, "steps": cfg.steps, "batch_size": cfg.batch_size,
+                      attrs={"design": causal.__doc__, "init": cfg.init, "steps": cfg.steps,
+                             "batch_size": cfg.batch_size,
                              "n_clusters": cfg.n_clusters, "cluster_seed": cfg.cluster_seed,
                              "verdict_rule": causal.causal_verdict.__doc__ or ""})
 
 
-def _statistics(grid: dict, betas: list[float], skipped: np.ndarray) -> dict:
+def _statistics(grid: dict, betas: list[float], skipped: np.ndarray, init: str) -> dict:
     """Per (model, hook): every interval of `dose_response` (mean, CI), the verdict and its reason."""
     n_hooks = skipped.shape[1]
     values = {f"{name}{part}": np.full((1, n_hooks), np.nan) for name in INTERVALS for part in ("", "_ci_low", "_ci_high")}
@@ -105,7 +107,7 @@ def _statistics(grid: dict, betas: list[float], skipped: np.ndarray) -> dict:
             interval = getattr(stats, field)
             values[name][0, h], values[f"{name}_ci_low"][0, h], values[f"{name}_ci_high"][0, h] = interval[:3]
         values["best_beta"][0, h] = stats.best_beta
-        verdict = causal.causal_verdict(stats, max(betas))
+        verdict = causal.causal_verdict(stats, max(betas), init)
         verdicts[0, h], reasons[0, h] = verdict.verdict, verdict.reason
     out = {}
     for name, (_, description) in INTERVALS.items():
@@ -123,10 +125,11 @@ def _statistics(grid: dict, betas: list[float], skipped: np.ndarray) -> dict:
 def causal_flow(out: str, model_name: str, hooks: tuple[str, ...], sae_refs: list[SAERef],
                 cfg: CausalStageConfig = CausalStageConfig(), holdout_fraction: float = 0.05,
                 model: ModelSpec | None = None, dask_address: str | None = None, n_workers: int = 2,
-                refresh: bool = False) -> xr.Dataset:
+                refresh: bool = False, dead_tokens: int = 100_000) -> xr.Dataset:
     """Fine-tune the hook's SAE with the separability term over the β × seed grid (one SAE per Dask
-    task), measure each on held-out tokens, and read the dose–response off the seeds."""
-    calls = causal_calls(out, model_name, hooks, sae_refs, cfg, holdout_fraction, model)
+    task), measure each on held-out tokens, and read the dose–response off the seeds. `dead_tokens`:
+    the SAE stage's dead-latent threshold, used when the SAEs train from scratch."""
+    calls = causal_calls(out, model_name, hooks, sae_refs, cfg, holdout_fraction, model, dead_tokens)
     results = run_grid("causal", out, calls, refresh, dask_address, n_workers)
     ds = causal_dataset(model_name, list(hooks), cfg, results)
     changed = write_group(out, "causal", ds)

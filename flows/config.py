@@ -275,7 +275,10 @@ class CausalStageConfig:
     cluster_seed: int = 0
     """Seed of the k-means fit."""
     steps: int = 80
-    """Fine-tuning steps per SAE, from the hook's base SAE."""
+    """Training steps per SAE."""
+    init: str = "base"
+    """base: fine-tune the hook's SAE; scratch: train each SAE from the seed's random initialisation
+    (the SAE stage's recipe; give it the SAE stage's steps for a full-length grid)."""
     batch_size: int = 1024
     """Training tokens per step."""
 
@@ -285,6 +288,8 @@ class CausalStageConfig:
         design = CausalDesign(betas=tuple(self.betas), seeds=tuple(self.seeds), n_clusters=self.n_clusters)
         object.__setattr__(self, "betas", design.betas)
         object.__setattr__(self, "seeds", design.seeds)
+        if self.init not in ("base", "scratch"):
+            raise ValueError(f"causal init must be base or scratch, got {self.init!r}")
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"causal {name.replace('_', ' ')} must be ≥ 1, got {getattr(self, name)}")

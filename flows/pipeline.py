@@ -46,7 +46,7 @@ def saema_pipeline(cfg: PipelineConfig = PipelineConfig(), stages: tuple[str, ..
                               cfg.structure.seeds[0], *dask, ex.refresh)
         if "causal" in stages:
             causal_flow(ex.out, ex.model.name, ex.hooks, sae_refs, cfg.causal, cfg.sae.holdout_fraction, ex.model,
-                        *dask, ex.refresh)
+                        *dask, ex.refresh, dead_tokens=cfg.sae.dead_tokens)
     if {"stratify", "structure", "intervention", "causal"} & set(stages):
         findings_flow(ex.out)
     if "report" in stages:

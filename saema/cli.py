@@ -200,11 +200,14 @@ def _add_causal_options(parser: argparse.ArgumentParser) -> None:
                        help="fine-tuning steps per SAE (default: %(default)s)")
     group.add_argument("--causal-clusters", type=int, default=defaults.n_clusters,
                        help="k-means clusters of the residual activations (default: %(default)s)")
+    group.add_argument("--causal-init", choices=["base", "scratch"], default=defaults.init,
+                       help="base: fine-tune the hook's SAE; scratch: train every SAE from its seed's random "
+                            "initialisation, e.g. with --causal-steps 600 for a full-length grid (default: %(default)s)")
 
 
 def causal_config(args: argparse.Namespace) -> CausalStageConfig:
     return CausalStageConfig(betas=tuple(args.causal_betas), seeds=tuple(args.causal_seeds),
-                             steps=args.causal_steps, n_clusters=args.causal_clusters)
+                             steps=args.causal_steps, n_clusters=args.causal_clusters, init=args.causal_init)
 
 
 def pipeline_config(args: argparse.Namespace) -> PipelineConfig:

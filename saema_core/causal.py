@@ -18,9 +18,10 @@ reconstruction is measured on held-out tokens:
   with sg the stop-gradient. Its gradient is −β · MSE · ∇Sep / Sep: β is a dimensionless exchange rate,
   at β = 1 a 1 % rise of separability is worth a 1 % fall of the MSE, whatever the units of x or the
   size of the latents. β = 0 is plain training.
-- **The design.** Every (β, seed) SAE is fine-tuned from the same base SAE for the same steps on the
-  same stream of training batches (the seed fixes their order, so each seed is a paired block across
-  β), at equal architecture, width and k (equal L0 for TopK).
+- **The design.** Every (β, seed) SAE is fine-tuned from the same base SAE (or, with init "scratch",
+  trained from the seed's random initialisation) for the same steps on the same stream of training
+  batches (the seed fixes their order, so each seed is a paired block across β), at equal
+  architecture, width and k (equal L0 for TopK).
 - **Outcome.** Held-out MSE (summed over d_model, mean over tokens), explained variance and, where the
   model has an LM head, `ce_loss_score`; and the achieved held-out separability.
 - **Statistics over seeds** (`dose_response`): per seed, the least-squares slope of held-out MSE on
@@ -29,9 +30,9 @@ reconstruction is measured on held-out tokens:
 - **Verdict** (`causal_verdict`): the claim predicts that the separating SAE (largest β) reconstructs
   better than the plain one. *supported* when its relative MSE change has a CI below 0, *contradicted*
   when above 0, *inconclusive* otherwise — and inconclusive whenever the term failed to raise held-out
-  separability (then nothing was manipulated). Caveat, stated with every verdict: fine-tuning starts
-  from an SAE trained on MSE, so any extra term pulls it away from an MSE optimum; the test asks
-  whether separability helps reconstruction *at equal training*, not at convergence.
+  separability (then nothing was manipulated). Caveat, stated with every verdict (`CAVEATS`):
+  fine-tuning starts from an SAE trained on MSE, so any extra term pulls it away from an MSE optimum;
+  the test asks whether separability helps reconstruction *at equal training*, not at convergence.
 """
 
 from __future__ import annotations
@@ -243,18 +244,24 @@ def _pct(i: Interval) -> str:
     return f"{i.mean:+.1%} (95% CI {i.low:+.1%} to {i.high:+.1%}, {i.n} seeds)"
 
 
-CAVEAT = ("fine-tuning starts from an SAE trained on MSE, so the test asks whether separability helps "
-          "reconstruction at equal training steps, not at convergence")
+INITS = ("base", "scratch")
+CAVEATS = {
+    "base": ("fine-tuning starts from an SAE trained on MSE, so the test asks whether separability helps "
+             "reconstruction at equal training steps, not at convergence"),
+    "scratch": ("every SAE of a seed starts from the same random initialisation and trains for the same steps, "
+                "so the test asks about equal training, not about convergence"),
+}
 
 
-def causal_verdict(stats: DoseResponse, top_beta: float) -> CausalVerdict:
-    """Plain-words verdict of the test (module docstring) with its effect size and caveat."""
+def causal_verdict(stats: DoseResponse, top_beta: float, init: str = "base") -> CausalVerdict:
+    """Plain-words verdict of the test (module docstring) with its effect size and the caveat of the
+    start (`init`: "base" = fine-tuned from the hook's SAE, "scratch" = trained from a seeded init)."""
     sep, mse = stats.separate_sep, stats.separate_mse
     u_shape = (" — a U: any push away from plain training costs reconstruction, so the overall slope is not "
                "the claim's effect" if stats.best_beta == 0 and mse.low > 0 and stats.merge_mse.low > 0 else "")
     shape = (f"; across the grid held-out MSE is lowest at β = {stats.best_beta:g}{u_shape}; merging (smallest β) "
              f"changes MSE by {_pct(stats.merge_mse)}; per-seed slope of MSE on separability "
-             f"{stats.slope.mean:.3g} (CI {stats.slope.low:.3g} to {stats.slope.high:.3g}); caveat: {CAVEAT}")
+             f"{stats.slope.mean:.3g} (CI {stats.slope.low:.3g} to {stats.slope.high:.3g}); caveat: {CAVEATS[init]}")
     if not np.isfinite(mse.low) or not np.isfinite(sep.low):
         return CausalVerdict("inconclusive", f"too few seeds with finite results for a CI{shape}", mse.mean)
     if sep.low <= 0:

@@ -63,20 +63,23 @@ def read_centroids(path: str) -> np.ndarray:
     return np.load(io.BytesIO(read_bytes(path)), allow_pickle=False)
 
 
-def causal_sae_folder(out: str, model_name: str, hook: str, base_id: str, beta: float, seed: int) -> str:
-    return canonical(join(out, "saes", model_slug(model_name), hook, "causal", f"{base_id}-beta{beta:+g}-s{seed}"))
+def causal_sae_folder(out: str, model_name: str, hook: str, base_id: str, beta: float, seed: int,
+                      init: str = "base") -> str:
+    start = "" if init == "base" else f"-{init}"
+    return canonical(join(out, "saes", model_slug(model_name), hook, "causal",
+                          f"{base_id}{start}-beta{beta:+g}-s{seed}"))
 
 
-def _fine_tune(url: str, hook: str, base, centroids, beta: float, seed: int, steps: int, batch_size: int,
-               holdout_fraction: float, metadata: dict):
+def _train(url: str, hook: str, base, centroids, beta: float, seed: int, steps: int, batch_size: int,
+           holdout_fraction: float, dead_tokens: int, from_scratch: bool, metadata: dict):
+    """Train with the separability term: from `base`'s weights, or from the seed's initialisation."""
     regions, _ = store.corpus_chunks(url, hook, holdout_fraction)
     batches = (torch.from_numpy(b) for b in store.training_batches(url, hook, regions, batch_size, seed))
-    train_cfg = TrainingConfig(n_steps=steps, batch_size=batch_size, seed=seed,
-                               dead_tokens_threshold=max(steps * batch_size, 1))
+    train_cfg = TrainingConfig(n_steps=steps, batch_size=batch_size, seed=seed, dead_tokens_threshold=dead_tokens)
     cfg = dataclasses.replace(base.cfg, metadata=metadata)
     with StageProgress(f"causal {hook} β {beta:+g} seed {seed}", total=steps) as progress:
-        return train_sae(cfg, train_cfg, batches, init=base, extra_loss=SeparabilityTerm(centroids, beta),
-                         progress=lambda step, stats: progress.advance(1))
+        return train_sae(cfg, train_cfg, batches, init=None if from_scratch else base,
+                         extra_loss=SeparabilityTerm(centroids, beta), progress=lambda step, stats: progress.advance(1))
 
 
 def held_out_outcome(url: str, hook: str, sae, centroids, holdout_fraction: float) -> dict[str, float]:
@@ -102,9 +105,11 @@ def held_out_outcome(url: str, hook: str, sae, centroids, holdout_fraction: floa
 @task(name="causal-sae", task_run_name="causal {hook} β {beta} seed {seed}", cache_policy=NO_CACHE, retries=1)
 def causal_cell(out: str, model_name: str, hook: str, base_path: str, base_id: str, centroids_path: str,
                 beta: float, seed: int, steps: int, batch_size: int, holdout_fraction: float,
-                ce_model: ModelSpec | None = None, ce_sequences: int = 32, content: str = "") -> dict:
-    """Fine-tune the base SAE `steps` steps with the separability term at `beta` (batch order from
-    `seed`), save it beside the base SAE, and measure it on the held-out corpus tokens.
+                ce_model: ModelSpec | None = None, ce_sequences: int = 32, content: str = "",
+                init: str = "base", dead_tokens: int = 100_000) -> dict:
+    """Train an SAE of the base SAE's shape `steps` steps with the separability term at `beta` (batch
+    order, and with init "scratch" the initialisation, from `seed`; init "base" fine-tunes the base
+    SAE), save it beside the base SAE, and measure it on the held-out corpus tokens.
 
     `ce_model`: compute `ce_loss_score` through this model's LM head (None: the hook has none).
     `content` fingerprints what the cell reads (part of the cache key, see tasks/caching.py)."""
@@ -115,16 +120,19 @@ def causal_cell(out: str, model_name: str, hook: str, base_path: str, base_id: s
         return {"skipped": f"cannot fine-tune a {base.cfg.architecture} SAE with normalize_activations="
                            f"{base.cfg.normalize_activations!r} (trainable: {', '.join(TRAINABLE)} reading raw "
                            f"activations)"}
-    folder = causal_sae_folder(out, model_name, hook, base_id, beta, seed)
+    folder = causal_sae_folder(out, model_name, hook, base_id, beta, seed, init)
+    from_scratch = init == "scratch"
+    # Fine-tuning never marks a latent dead: the base SAE's counters are not carried over.
+    dead_tokens = dead_tokens if from_scratch else max(steps * batch_size, 1)
     key = config_hash({"base": content, "beta": beta, "seed": seed, "steps": steps, "batch_size": batch_size,
-                       "holdout": holdout_fraction, "code": code_version()})
+                       "holdout": holdout_fraction, "init": init, "dead_tokens": dead_tokens, "code": code_version()})
     with pinned_threads(1):
         sae = cached_sae(folder, key)
         if sae is None:
             metadata = provenance(model_name=model_name, hook_name=hook, saema_training_key=key, causal_beta=beta,
-                                  causal_seed=seed, base_sae=base_id)
-            result = _fine_tune(url, hook, base, centroids, beta, seed, steps, batch_size, holdout_fraction,
-                                metadata)
+                                  causal_seed=seed, causal_init=init, base_sae=base_id)
+            result = _train(url, hook, base, centroids, beta, seed, steps, batch_size, holdout_fraction, dead_tokens,
+                            from_scratch, metadata)
             sae = result.sae
             save_sae(sae, folder)
             write_text(join(folder, "training_history.json"), json.dumps(result.history.as_dict()))

@@ -237,3 +237,23 @@ def test_grid_cells_are_submitted_longest_first_and_results_keep_call_order():
     assert [calls[i]["space"] for i in order] == ["dense_ae"] * 2 + ["latent"] * 2 + ["resid"] * 2
     assert [calls[i]["concept"] for i in order[:2]] == ["a", "b"]  # stable among equals
     assert longest_first("structure", calls) == list(range(len(calls)))
+
+
+def test_causal_from_scratch_trains_every_sae_from_its_seed(pipeline_run, tmp_path):
+    """init "scratch": new SAEs of the base SAE's shape from each seed's initialisation, not fine-tunes."""
+    from flows.causal import causal_flow
+
+    out, model = pipeline_run.extract.out, pipeline_run.extract.model.name
+    ref = train_or_load_sae.fn(out, model, HOOK, "sae", pipeline_run.sae)
+    cfg = replace(pipeline_run.causal, init="scratch", betas=(-1.0, 0.0, 1.0), seeds=(1, 2))
+    ds = causal_flow(out, model, (HOOK,), [ref], cfg, pipeline_run.sae.holdout_fraction, n_workers=1,
+                     dead_tokens=pipeline_run.sae.dead_tokens)
+    assert ds.attrs["init"] == "scratch" and "same random initialisation" in ds.verdict_reason.item()
+    folders = sorted(Path(out, "saes").rglob("causal/*-scratch-beta*"))
+    assert len(folders) == 6
+    from storage.sae_checkpoints import load_sae
+    base = load_sae(ref.path)
+    scratch = load_sae(folders[0])
+    assert scratch.cfg.d_sae == base.cfg.d_sae and scratch.cfg.k == base.cfg.k
+    # a fresh start, not the base SAE's weights nudged
+    assert float((scratch.W_dec - base.W_dec).abs().max()) > 0.5
