@@ -28,7 +28,8 @@ import ot
 import torch
 from threadpoolctl import threadpool_limits
 
-from saema_core.intervention import InterventionConfig, optimise_intervention, random_search
+from saema_core.baselines import random_search
+from saema_core.intervention import InterventionConfig, optimise_intervention
 
 
 @dataclass

@@ -5,8 +5,8 @@ and the SAE decoder ``D``, we move every cluster by its own translation ``Δ_c``
 
     L(Δ) = −direction · α · Sep(Z + Δ) + λ · MSE(D(Z + Δ), x)
 
-with torch autograd and Adam (the paper's released code takes random steps instead; `random_search`
-reproduces that as a baseline). Noise tokens (label −1) are never moved but stay in the reconstruction
+with torch autograd and Adam (the paper's released code takes random steps instead; `saema_core.baselines`
+has that search, literally and at Adam's budget). Noise tokens (label −1) are never moved but stay in the reconstruction
 metrics, which are taken over all n tokens.
 
 Separability measures
@@ -54,7 +54,6 @@ import torch
 from saema_core.separability import (
     SEPARABILITY,
     Clusters,
-    _aedp,
     aedp,
     clusters_from_labels,
     gw,
@@ -64,12 +63,13 @@ from saema_core.separability import (
 )
 
 __all__ = [
-    "ALPHAS", "DIRECTIONS", "OBJECTIVES", "SEPARABILITY", "Clusters", "Decoder", "InterventionConfig",
-    "InterventionProblem", "InterventionTrajectory", "StepMetrics", "SweepCell", "aedp", "check_decoder",
-    "clusters_from_labels", "decoder_input_width", "displacement_norm", "evaluate", "explained_variance",
-    "gw", "gw_intrinsic", "gw_union_vs_parts", "intervention_deltas", "mse", "mse_zscored",
-    "optimise_intervention", "prepare_problem", "random_control", "random_direction", "random_search",
-    "run_sweep", "scale_to_displacement", "subsample_members", "translate", "translation_norm", "zscore_rows",
+    "ALPHAS", "DIRECTIONS", "OBJECTIVES", "SEPARABILITY", "ZSCORE_EPS", "Clusters", "Decoder",
+    "InterventionConfig", "InterventionProblem", "InterventionTrajectory", "StepMetrics", "SweepCell", "aedp",
+    "check_decoder", "clusters_from_labels", "control_path", "decoder_input_width", "displacement_norm",
+    "evaluate", "explained_variance", "gw", "gw_intrinsic", "gw_union_vs_parts", "intervention_deltas", "mse",
+    "mse_zscored", "optimise_intervention", "prepare_problem", "random_control", "random_direction",
+    "run_sweep", "scale_to_displacement", "scale_to_norm", "stack_trajectory",
+    "subsample_members", "translate", "translation_norm", "zscore_rows",
 ]
 
 
@@ -80,7 +80,7 @@ DIRECTIONS: tuple[int, ...] = (1, -1)
 OBJECTIVES: tuple[str, ...] = ("aedp", "gw")
 PAPER = "paper"
 """The paper-literal random search (`paper_search`), a stage objective beside the two measures."""
-_ZSCORE_EPS = 1e-8
+ZSCORE_EPS = 1e-8
 _MAX_DOUBLINGS = 60
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
@@ -260,7 +260,7 @@ def mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def zscore_rows(a: torch.Tensor) -> torch.Tensor:
     """Each row of (n, d) shifted to mean 0 and scaled to population std 1 (ε guards constant rows)."""
     centred = a - a.mean(dim=1, keepdim=True)
-    return centred / (centred.std(dim=1, unbiased=False, keepdim=True) + _ZSCORE_EPS)
+    return centred / (centred.std(dim=1, unbiased=False, keepdim=True) + ZSCORE_EPS)
 
 
 def mse_zscored(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -318,7 +318,7 @@ def evaluate(
         )
 
 
-def _trajectory(
+def stack_trajectory(
     steps: list[StepMetrics], translations: torch.Tensor, clusters: Clusters
 ) -> InterventionTrajectory:
     """Stack per-step metrics into numpy arrays of shape (len(steps),)."""
@@ -372,7 +372,7 @@ def optimise_intervention(
         optimiser.step()
     with torch.no_grad():
         steps.append(evaluate(problem, translations, config))
-    return _trajectory(steps, translations, problem.clusters)
+    return stack_trajectory(steps, translations, problem.clusters)
 
 
 def random_direction(n_clusters: int, n_latents: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
@@ -396,7 +396,7 @@ def scale_to_displacement(
         return float(displacement_norm(moved, problem.latents))
 
     # Clamping only shortens moves, so the unclamped scale is a lower bound to double from.
-    return _scale_to(applied_norm, target_norm, unit)
+    return scale_to_norm(applied_norm, target_norm, unit)
 
 
 def random_control(
@@ -424,39 +424,8 @@ def random_control(
         final = direction * scale_to_displacement(
             problem, direction, target_norm, config.clamp_nonnegative
         )
-        steps = _control_path(problem, final, config, path)
-    return _trajectory(steps, final, problem.clusters)
-
-
-def random_search(
-    latents: torch.Tensor,
-    labels: np.ndarray | torch.Tensor | Sequence[int],
-    decode: Decoder,
-    target: torch.Tensor,
-    config: InterventionConfig,
-    seed: int = 0,
-    step_scale: float | None = None,
-) -> InterventionTrajectory:
-    """The official code's search: propose Δ + step_scale·N(0, I) per cluster, keep it if L improves.
-
-    Budget: config.steps + 1 objective evaluations (the start and one proposal per step), the same
-    count as `optimise_intervention` (whose evaluations each add a backward pass). `step_scale`
-    defaults to config.lr, the per-coordinate size of an Adam step. Step k records the best so far.
-    """
-    problem = prepare_problem(latents, labels, decode, target, config)
-    scale = config.lr if step_scale is None else step_scale
-    generator = torch.Generator().manual_seed(seed)
-    best = latents.new_zeros(len(problem.clusters.members), latents.shape[1])
-    with torch.no_grad():
-        steps = [evaluate(problem, best, config)]
-        for _ in range(config.steps):
-            noise = torch.randn(best.shape, generator=generator, dtype=best.dtype)
-            proposal = best + scale * noise
-            metrics = evaluate(problem, proposal, config)
-            if metrics.objective < steps[-1].objective:
-                best = proposal
-            steps.append(metrics if best is proposal else steps[-1])
-    return _trajectory(steps, best, problem.clusters)
+        steps = control_path(problem, final, config, path)
+    return stack_trajectory(steps, final, problem.clusters)
 
 
 def run_sweep(
@@ -491,121 +460,7 @@ def intervention_deltas(trajectories: Sequence[InterventionTrajectory]) -> tuple
     return delta_sep, delta_mse
 
 
-# ----------------------------------------------------------------------------- row / null space
-#
-# With a linear decoder D(z) = zW + b (W: K × d), a latent displacement δ changes the reconstruction
-# by δW only. R^K splits into the decoder's row space (the span of W's d columns as K-vectors: the row
-# space of the d × K map z ↦ zW) and its orthogonal complement, the null space {δ : δW = 0}. Only the
-# row-space part of a move can change the MSE; the null-space part changes separability for free.
-
-
-class Decomposition(NamedTuple):
-    """The applied displacement of a move split into W's row space and null space."""
-
-    row_norm: float
-    """‖δ_row‖_F over tokens."""
-    null_norm: float
-    """‖δ_null‖_F over tokens."""
-    delta_mse_row: float
-    """MSE(D(Z + δ_row)) − MSE(D(Z)): the whole reconstruction effect of a linear decoder's move
-    up to the clamp (no clamp is applied to the parts)."""
-    delta_mse_null: float
-    """MSE(D(Z + δ_null)) − MSE(D(Z)): zero up to rounding (the check of the decomposition)."""
-
-
-_LINEARITY_RTOL = 1e-4
-
-
-def linear_decoder(decode: Decoder, n_latents: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W (K, d), b (d,)) of a decoder D(z) = zW + b, or ValueError saying why it is not one.
-
-    W is read from the owner's `W_dec` and checked on random probes, so a decoder that merely has a
-    `W_dec` but is not affine (a nonlinearity, a normalisation) is refused."""
-    owner = getattr(decode, "__self__", decode)
-    weights = getattr(owner, "W_dec", None)
-    if not isinstance(weights, torch.Tensor) or weights.ndim != 2 or weights.shape[0] != n_latents:
-        raise ValueError("the row/null-space decomposition needs a linear decoder D(z) = z·W_dec + b with a "
-                         f"({n_latents}, d) W_dec; {type(owner).__name__} has none")
-    with torch.no_grad():
-        weights = weights.detach().to(torch.float64)
-        bias = decode(torch.zeros(1, n_latents, dtype=weights.dtype)).reshape(-1).to(torch.float64)
-        probes = torch.rand(4, n_latents, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        expected = probes @ weights + bias
-        got = decode(probes).to(torch.float64)
-    if not torch.allclose(got, expected, rtol=_LINEARITY_RTOL, atol=_LINEARITY_RTOL * float(expected.abs().max())):
-        raise ValueError(f"the decoder of {type(owner).__name__} is not linear (D(z) ≠ z·W_dec + b on random "
-                         f"probes); the row/null-space decomposition needs D(z) = zW + b")
-    return weights, bias
-
-
-def row_space_basis(weights: torch.Tensor) -> torch.Tensor:
-    """(K, r) orthonormal basis of the latent directions the decoder (K, d) does not ignore, r = rank."""
-    u, s, _ = torch.linalg.svd(weights.to(torch.float64), full_matrices=False)
-    tolerance = s.max() * max(weights.shape) * torch.finfo(torch.float64).eps if s.numel() else 0.0
-    return u[:, s > tolerance]
-
-
-def split_displacement(delta: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """δ (n, K) = δ_row + δ_null with δ_row in span(basis) and δ_null orthogonal to it (float64)."""
-    delta = delta.to(torch.float64)
-    row = (delta @ basis) @ basis.T
-    return row, delta - row
-
-
-def applied_displacement(latents: torch.Tensor, labels, translations: np.ndarray | torch.Tensor,
-                         clamp: bool) -> torch.Tensor:
-    """clamp(Z + Δ) − Z (n, K) in float64: the move the decoder actually sees."""
-    clusters = clusters_from_labels(labels, latents.shape[0])
-    moved = translate(latents, clusters.token_cluster, torch.as_tensor(translations, dtype=latents.dtype), clamp)
-    return moved.to(torch.float64) - latents.to(torch.float64)
-
-
-def decompose_move(latents: torch.Tensor, labels, decode: Decoder, target: torch.Tensor,
-                   translations: np.ndarray | torch.Tensor, clamp: bool,
-                   basis: torch.Tensor | None = None) -> Decomposition:
-    """Row/null-space split of a move's applied displacement and the MSE change of each part."""
-    weights, bias = linear_decoder(decode, latents.shape[1])
-    basis = row_space_basis(weights) if basis is None else basis
-    row, null = split_displacement(applied_displacement(latents, labels, translations, clamp), basis)
-    z, x = latents.to(torch.float64), target.to(torch.float64)
-    before = mse(z @ weights + bias, x)
-    return Decomposition(float(torch.linalg.norm(row)), float(torch.linalg.norm(null)),
-                         float(mse((z + row) @ weights + bias, x) - before),
-                         float(mse((z + null) @ weights + bias, x) - before))
-
-
-def random_control_row(
-    latents: torch.Tensor,
-    labels: np.ndarray | torch.Tensor | Sequence[int],
-    decode: Decoder,
-    target: torch.Tensor,
-    config: InterventionConfig,
-    target_row_norm: float,
-    seed: int = 0,
-    basis: torch.Tensor | None = None,
-    path: bool = True,
-) -> InterventionTrajectory:
-    """A random control matched on the *row-space* norm of the applied displacement: it moves the
-    reconstruction as much as the optimised move does, whatever the optimiser did in the null space.
-    Trajectory and `path` as in `random_control`."""
-    if not target_row_norm >= 0:
-        raise ValueError(f"target_row_norm must be >= 0, got {target_row_norm!r}")
-    problem = prepare_problem(latents, labels, decode, target, config)
-    basis = row_space_basis(linear_decoder(decode, latents.shape[1])[0]) if basis is None else basis
-    direction = random_direction(len(problem.clusters.members), latents.shape[1], seed, latents.dtype)
-
-    def row_norm(s: float) -> float:  # ‖δ_row‖ = ‖δ·basis‖: the basis is orthonormal
-        moved = translate(problem.latents, problem.clusters.token_cluster, s * direction, config.clamp_nonnegative)
-        return float(torch.linalg.norm((moved.to(torch.float64) - problem.latents.to(torch.float64)) @ basis))
-
-    with torch.no_grad():
-        scale = _scale_to(row_norm, target_row_norm, float(translation_norm(direction, problem.clusters.counts)))
-        final = direction * scale
-        steps = _control_path(problem, final, config, path)
-    return _trajectory(steps, final, problem.clusters)
-
-
-def _control_path(problem: InterventionProblem, final: torch.Tensor, config: InterventionConfig,
+def control_path(problem: InterventionProblem, final: torch.Tensor, config: InterventionConfig,
                   path: bool) -> list[StepMetrics]:
     """Metrics at the fractions k/steps of `final` (every k, or only the start and the end)."""
     if path:
@@ -615,7 +470,7 @@ def _control_path(problem: InterventionProblem, final: torch.Tensor, config: Int
     return [start, *[gap] * (config.steps - 1), end]
 
 
-def _scale_to(norm_at: Callable[[float], float], target: float, unit_norm: float) -> float:
+def scale_to_norm(norm_at: Callable[[float], float], target: float, unit_norm: float) -> float:
     """The scale s ≥ 0 with norm_at(s) = target: bracketed by doubling, then Brent's method."""
     if target == 0:
         return 0.0
@@ -625,71 +480,3 @@ def _scale_to(norm_at: Callable[[float], float], target: float, unit_norm: float
             return scipy.optimize.brentq(lambda s: norm_at(s) - target, low, high, xtol=1e-15 * high, rtol=1e-15)
         low, high = high, 2 * high
     raise ValueError(f"no scale reaches norm {target} along this random direction")
-
-
-# ----------------------------------------------------------------------------- the paper's procedure
-
-
-PAPER_STEPS = 10
-PAPER_STEP_SCALE = 0.03
-"""Default per-latent proposal std (in z-scored units) per unit of α. The released code's step size is
-not known to us. At 1 (α per z-scored latent) no proposal was ever accepted on the default run
-(MiniLM blocks.3, K = 3 072: every step raises the reconstruction term more than it lowers 1/AEDP), so the
-baseline would be a no-op; 0.03 is the largest of 1, 0.1, 0.03, 0.01 at which every seed accepted steps."""
-
-
-def paper_search(
-    latents: torch.Tensor,
-    labels: np.ndarray | torch.Tensor | Sequence[int],
-    decode: Decoder,
-    target: torch.Tensor,
-    alpha: float,
-    lam: float = 1.0,
-    direction: int = 1,
-    steps: int = PAPER_STEPS,
-    seed: int = 0,
-    step_scale: float = PAPER_STEP_SCALE,
-) -> InterventionTrajectory:
-    """The released code's procedure (DESIGN.md §7): the paper-literal baseline.
-
-    1. Z-score every token: Z̃ = (Z − μ_t) / s_t over its K latents and x̃ likewise over d_model.
-    2. Start from Δ = 0 (per-cluster centre shifts in the z-scored latent space).
-    3. `steps` times: propose Δ' = Δ + α·step_scale·N(0, I) (one draw per cluster and latent, seeded)
-       and keep it when it lowers L(Δ') = Sep(Z̃ + Δ')^(−direction) + λ·MSE(z(D(μ_t + s_t (Z̃ + Δ'))), x̃),
-       with Sep = AEDP and z(·) the per-token z-score: 1/AEDP + λ·MSE when separating, AEDP + λ·MSE
-       when merging. No clamp, no gradient.
-    The trajectory records the best-so-far state: `separability` is AEDP in the z-scored space, `mse`
-    the raw MSE, `mse_zscored` the procedure's own MSE, `objective` L, `displacement_norm` the move in
-    raw latent units and `translation_norm` in z-scored units.
-    """
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be +1 or -1, got {direction!r}")
-    if not alpha > 0 or not lam >= 0 or steps < 1 or not step_scale > 0:
-        raise ValueError(f"need alpha > 0, lam >= 0, steps >= 1 and step_scale > 0, got {alpha}, {lam}, {steps}, "
-                         f"{step_scale}")
-    clusters = clusters_from_labels(labels, latents.shape[0])
-    mean = latents.mean(dim=1, keepdim=True)
-    spread = latents.std(dim=1, unbiased=False, keepdim=True) + _ZSCORE_EPS
-    scored, x_scored = (latents - mean) / spread, zscore_rows(target)
-    generator = torch.Generator().manual_seed(seed)
-
-    def state(shifts: torch.Tensor) -> StepMetrics:
-        moved = translate(scored, clusters.token_cluster, shifts, clamp=False)
-        displaced = mean + spread * moved
-        x_hat = decode(displaced)
-        separability = _aedp(moved, clusters.members)
-        error = mse(zscore_rows(x_hat), x_scored)
-        objective = separability ** (-direction) + lam * error
-        return StepMetrics(objective, separability, mse(x_hat, target), error, explained_variance(x_hat, target),
-                           displacement_norm(displaced, latents), translation_norm(shifts, clusters.counts))
-
-    best = latents.new_zeros(len(clusters.members), latents.shape[1])
-    with torch.no_grad():
-        trajectory = [state(best)]
-        for _ in range(steps):
-            proposal = best + alpha * step_scale * torch.randn(best.shape, generator=generator, dtype=best.dtype)
-            metrics = state(proposal)
-            if metrics.objective < trajectory[-1].objective:
-                best = proposal
-            trajectory.append(metrics if best is proposal else trajectory[-1])
-    return _trajectory(trajectory, best, clusters)

@@ -11,16 +11,17 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from saema_core.baselines import PAPER_STEP_SCALE, paper_search
 from saema_core.intervention import (
-    PAPER_STEP_SCALE,
-    Decomposition,
     InterventionConfig,
     bounded_sample,
+    optimise_intervention,
+    random_control,
+)
+from saema_core.row_space import (
+    Decomposition,
     decompose_move,
     linear_decoder,
-    optimise_intervention,
-    paper_search,
-    random_control,
     random_control_row,
     row_space_basis,
 )

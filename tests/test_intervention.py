@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from saema_core.baselines import paper_search, random_search
 from saema_core.intervention import (
     ALPHAS,
     InterventionConfig,
@@ -22,15 +23,15 @@ from saema_core.intervention import (
     mse_zscored,
     optimise_intervention,
     random_control,
+    run_sweep,
+    translate,
+)
+from saema_core.row_space import (
     decompose_move,
     linear_decoder,
-    paper_search,
     random_control_row,
-    random_search,
     row_space_basis,
-    run_sweep,
     split_displacement,
-    translate,
 )
 from saema_core.statistics import correlate, verdict
 
