@@ -38,13 +38,14 @@ INTERVALS = {
 }
 
 
-def _ce_model(out: str, model_name: str, hook: str, model: ModelSpec | None) -> ModelSpec | None:
-    """The model to splice the SAEs into, or None when `sae_eval` found no LM head for this hook."""
+def _ce_models(out: str, model_name: str, hooks, model: ModelSpec | None) -> dict[str, ModelSpec | None]:
+    """Per hook, the model to splice the SAEs into, or None when `sae_eval` found no LM head there."""
     evaluation = read_group(out, "sae_eval", dask=False)
-    if evaluation is None or model_name not in evaluation.model.values or hook not in evaluation.hook.values:
-        return None
-    score = evaluation.ce_loss_score.sel(model=model_name, hook=hook, sae="sae")
-    return (model or ModelSpec(name=model_name)) if np.isfinite(float(score)) else None
+    if evaluation is None or model_name not in evaluation.model.values:
+        return dict.fromkeys(hooks)
+    scores = evaluation.ce_loss_score.sel(model=model_name, sae="sae")
+    return {hook: (model or ModelSpec(name=model_name))
+            if hook in scores.hook.values and np.isfinite(float(scores.sel(hook=hook))) else None for hook in hooks}
 
 
 def causal_calls(out: str, model_name: str, hooks, sae_refs: list[SAERef], cfg: CausalStageConfig,
@@ -52,17 +53,17 @@ def causal_calls(out: str, model_name: str, hooks, sae_refs: list[SAERef], cfg: 
     """One `causal_cell` call per (hook, β, seed), inputs fingerprinted."""
     saes = {ref.hook: ref for ref in sae_refs if ref.kind == "sae"}
     url = activation_store_url(out, model_name)
+    ce_models = _ce_models(out, model_name, hooks, model)
     calls = []
     for hook in hooks:
         corpus = content_hash(url, hook)
         centroids = residual_centroids(out, model_name, hook, cfg.n_clusters, cfg.cluster_seed, holdout_fraction)
-        ce_model = _ce_model(out, model_name, hook, model)
         for beta in cfg.betas:
             for seed in cfg.seeds:
                 calls.append({"out": out, "model_name": model_name, "hook": hook, "base_path": saes[hook].path,
                               "base_id": saes[hook].sae_id, "centroids_path": centroids, "beta": beta, "seed": seed,
                               "steps": cfg.steps, "batch_size": cfg.batch_size,
-                              "holdout_fraction": holdout_fraction, "ce_model": ce_model,
+                              "holdout_fraction": holdout_fraction, "ce_model": ce_models[hook],
                               "content": f"{corpus}|{saes[hook].hash}|{basename(centroids)}",
                               "init": cfg.init, "dead_tokens": dead_tokens})
     return calls
