@@ -117,7 +117,7 @@ def _statistics(grid: dict, betas: list[float], skipped: np.ndarray, init: str) 
             out[name + part] = (("model", "hook"), values[name + part],
                                 {"description": f"{part[1:].replace('_', ' ')} of the 95% Student-t CI over seeds"})
     out["best_beta"] = (("model", "hook"), values["best_beta"], {"description": "β with the lowest mean held-out MSE"})
-    out["verdict"] = (("model", "hook"), verdicts, {"description": "supported | contradicted | inconclusive"})
+    out["verdict"] = (("model", "hook"), verdicts, {"description": " | ".join(causal.VERDICTS)})
     out["verdict_reason"] = (("model", "hook"), reasons, {"description": "the verdict's reason, effect sizes, caveat"})
     return out
 

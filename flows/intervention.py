@@ -75,6 +75,7 @@ class _Arrays:
         self.paper = {f: np.full(lead + (len(cfg.directions), len(cfg.alphas), cfg.paper_seeds), np.nan)
                       for f in PAPER_FIELDS}
         self.skipped = np.full(lead + (len(objectives) + 1,), "", dtype=object)
+        self.undecomposed = np.full(lead + (len(objectives),), "", dtype=object)
 
 
 def _fill_moves(arrays: _Arrays, at: tuple, d: int, result: dict) -> None:
@@ -135,6 +136,7 @@ def intervention_dataset(model, cells, results, cfg: InterventionStageConfig, ho
             _fill_paper(arrays, at, d, result)
         else:
             _fill_moves(arrays, at + (o,), d, result)
+            arrays.undecomposed[at + (o,)] = result["decomposition_reason"]
     lead = ("model", "hook", "concept")
     move_dims = (*lead, "objective", "intervention", "direction", "alpha")
     # The optimiser's objective value L(Δ) is stored as `loss`: `objective` names the dimension.
@@ -150,6 +152,8 @@ def intervention_dataset(model, cells, results, cfg: InterventionStageConfig, ho
                       {"description": f"{name}: ΔMSE ~ 1 + ΔSep + ‖δ‖ + ‖δ‖², coefficient of ΔSep; CI from "
                                       f"resampling concepts (the replicates), not (direction, α) cells"})
     data["skipped"] = ((*lead, "stage_objective"), arrays.skipped, {"description": "why a cell was not run"})
+    data["decomposition_reason"] = ((*lead, "objective"), arrays.undecomposed, {
+        "description": "why the row/null-space variables are NaN (a decoder that is not linear); '' = split"})
     coords = {"model": [model], "hook": hooks, "concept": concepts, "objective": moving,
               "intervention": list(KINDS), "direction": dirs, "alpha": alphas, "step": np.arange(cfg.steps + 1),
               "stage_objective": [*moving, PAPER]}
