@@ -2,7 +2,8 @@
 
 Groups: `stratification`, `strata`, `structure`, `intervention`, `sae_eval` (DESIGN.md §3). A run for
 further models, hooks or concepts extends a group along those dimensions: the new cells are merged
-with the stored ones (new values win) and the group is rewritten.
+with the stored ones (new values win; `storage.merge` says how every dtype is padded) and the group is
+rewritten.
 
 Locking is local-only. On local disk writers hold a lock file (created with O_EXCL), so two runs on
 one store — on this machine, or on a shared POSIX filesystem — serialise (or, after `timeout`, refuse
@@ -29,6 +30,7 @@ import xarray as xr
 import zarr
 
 from storage.locations import canonical, exists, is_local, is_process_local, local_path
+from storage.merge import merge_cells
 
 GROUPS = ("stratification", "strata", "structure", "intervention", "causal", "sae_eval", "findings")
 _LOCK = ".saema-write.lock"
@@ -110,22 +112,6 @@ def _repair_swaps(root: Path) -> None:
         shutil.rmtree(staging)
 
 
-def _merge(new: xr.Dataset, old: xr.Dataset | None) -> xr.Dataset:
-    if old is None:
-        return new
-    old = old.load()
-    # Strings read back from Zarr are numpy StringDType, which cannot hold the NaN that alignment puts
-    # into cells neither side has: merge them as objects and fill those cells with "".
-    strings = [n for n, v in {**old.variables, **new.variables}.items() if v.dtype.kind in "OTU"]
-    old = old.assign({n: old[n].astype(object) for n in strings if n in old.data_vars})
-    merged = new.combine_first(old)
-    merged = merged.assign({n: merged[n].fillna("").astype(object) for n in strings if n in merged.data_vars})
-    merged.attrs = {**old.attrs, **new.attrs}
-    for name, var in new.variables.items():
-        merged[name].attrs = dict(var.attrs)
-    return merged
-
-
 def read_group(out: str, group: str, dask: bool = True) -> xr.Dataset | None:
     """A group as a lazy Dataset, or None when it does not exist yet.
 
@@ -157,7 +143,7 @@ def write_group(out: str, group: str, ds: xr.Dataset) -> bool:
     with write_lock(url):
         old = read_group(out, group)
         old = None if old is None else _variable_length_strings(old.load())
-        merged = _variable_length_strings(_merge(ds, old))
+        merged = _variable_length_strings(merge_cells(ds, old))
         if old is not None and merged.identical(old):
             return False
         if is_local(url):

@@ -7,8 +7,11 @@ import multiprocessing
 import numpy as np
 import pytest
 import xarray as xr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from storage.results import ResultsError, open_results, read_group, results_url, write_group, write_lock
+from storage.merge import MISSING_STRING
+from storage.results import GROUPS, ResultsError, open_results, read_group, results_url, write_group, write_lock
 
 
 def _cells(hooks, concepts, value):
@@ -97,3 +100,84 @@ def test_interrupted_swap_is_repaired(tmp_path):
     (root / "structure").rename(root / ".old-structure")  # killed between the two renames
     write_group(out, "strata", _cells(["h"], ["c"], 2.0))  # the next writer repairs
     assert float(read_group(out, "structure")["rank"].squeeze()) == 1.0
+
+
+# ---- Extending a group along any dimension, for every dtype a group holds (storage.merge) ----
+
+_DIMS = ("model", "hook", "concept")
+_VALUES = {"model": ["all-MiniLM-L6-v2", "gemma-3-270m", "gpt2"], "hook": ["blocks.1.hook_resid_post",
+           "blocks.3.hook_resid_post", "blocks.5.hook_resid_pre"], "concept": ["months", "days", "colours"]}
+
+
+def _run(coords: dict[str, list[str]], seed: int, n_tokens: int) -> xr.Dataset:
+    """A run's cells with a variable of every dtype the groups hold (float, int, bool, string) and a
+    per-concept dimension whose length differs between runs (structure's token_index)."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(len(coords[d]) for d in _DIMS)
+    floats = rng.normal(size=shape)
+    floats[rng.random(shape) < 0.2] = np.nan  # a computed NaN must replace a stored number
+    strings = np.array([f"s{v}" for v in rng.integers(0, 99, size=shape).ravel()], dtype=object).reshape(shape)
+    strings[rng.random(shape) < 0.2] = ""
+    tokens = (("model", "hook", "concept", "token_index"), rng.integers(0, 9, size=(*shape, n_tokens)))
+    return xr.Dataset(
+        {"value": (_DIMS, floats, {"units": "1"}), "count": (_DIMS, rng.integers(0, 50, size=shape)),
+         "flag": (_DIMS, rng.random(shape) < 0.5), "reason": (_DIMS, strings), "token_count": tokens,
+         "token_str": (("concept", "token_index"), np.full((shape[2], n_tokens), "tok", dtype="<U3"))},
+        coords={**{d: coords[d] for d in _DIMS}, "token_index": np.arange(n_tokens)})
+
+
+def _cell(ds: xr.Dataset, name: str, where: dict):
+    return _plain(ds[name].sel({d: v for d, v in where.items() if d in ds[name].dims}).values[()])
+
+
+def _same(a, b) -> bool:
+    return (isinstance(a, float) and isinstance(b, float) and np.isnan(a) and np.isnan(b)) or a == b
+
+
+@st.composite
+def _two_runs(draw):
+    dim = draw(st.sampled_from(_DIMS))
+    first = {d: [_VALUES[d][0]] for d in _DIMS}
+    second = dict(first)
+    # The second run extends along `dim`, with or without re-computing the first run's value there.
+    extra = draw(st.lists(st.sampled_from(_VALUES[dim][1:]), min_size=1, max_size=2, unique=True))
+    second[dim] = ([_VALUES[dim][0]] if draw(st.booleans()) else []) + extra
+    sizes = draw(st.tuples(st.integers(1, 4), st.integers(1, 4)))
+    seeds = draw(st.tuples(st.integers(0, 2**16), st.integers(0, 2**16)))
+    return dim, _run(first, seeds[0], sizes[0]), _run(second, seeds[1], sizes[1])
+
+
+@pytest.mark.parametrize("group", GROUPS)
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(runs=_two_runs())
+def test_extending_a_group_along_any_dimension_keeps_every_cell(tmp_path_factory, group, runs):
+    dim, first, second = runs
+    out = str(tmp_path_factory.mktemp("store"))
+    write_group(out, group, first)
+    write_group(out, group, second)
+    stored = xr.open_datatree(results_url(out), engine="zarr")[group].ds.load()  # plain xarray
+    assert set(stored[dim].values) == {*first[dim].values, *second[dim].values}
+    for name in ("value", "count", "flag", "reason", "token_count"):
+        for where in _cells_of(stored[name]):
+            newest = next((run for run in (second, first) if _holds(run, where)), None)
+            got = _cell(stored, name, where)
+            if newest is None or where.get("token_index", 0) >= newest.sizes["token_index"]:
+                assert _same(got, MISSING_STRING if name == "reason" else np.nan), (name, where, got)
+            else:
+                assert _same(got, _cell(newest, name, where)), (name, where, got)
+    padded = stored["count"].isnull().any()
+    assert stored["count"].dtype.kind == ("f" if padded else "i")
+    assert stored["reason"].dtype.kind in "OT" and stored["value"].attrs == {"units": "1"}
+
+
+def _cells_of(da: xr.DataArray):
+    for index in np.ndindex(da.shape):
+        yield {d: _plain(da[d].values[i]) for d, i in zip(da.dims, index)}
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
+
+
+def _holds(run: xr.Dataset, where: dict) -> bool:
+    return all(where[d] in run[d].values for d in _DIMS)
