@@ -12,7 +12,7 @@ from saema_core import causal
 from storage.activation_store import activation_store_url, content_hash
 from storage.locations import basename, exists
 from storage.models import ModelSpec
-from storage.plots import plot_causal
+from storage.plots import plot_causal, plot_path
 from storage.results import read_group, write_group
 from tasks.artifacts import publish_plot, publish_table
 from tasks.causal import residual_centroids
@@ -136,11 +136,11 @@ def causal_flow(out: str, model_name: str, hooks: tuple[str, ...], sae_refs: lis
     changed = write_group(out, "causal", ds)
     for hook in hooks:
         cell = ds.sel(model=model_name, hook=hook)
-        png = f"{out}/plots/causal_{hook}.png"
+        png = plot_path(out, model_name, "causal", hook)
         if changed or not exists(png):
             plot_causal(cell, png, f"{model_name} {hook}")
-        publish_plot(f"causal-{hook}", png, f"held-out MSE vs achieved separability at {hook} (training-time test)")
+        publish_plot(f"causal-{model_name}-{hook}", png, f"held-out MSE vs achieved separability at {hook} (training-time test)")
         print(f"causal {hook}: {cell.verdict.item()} — {cell.verdict_reason.item()}")
-    publish_table("causal-outcomes", ds[["mse", "explained_variance", "separability", "separability_ratio"]]
+    publish_table(f"causal-outcomes-{model_name}", ds[["mse", "explained_variance", "separability", "separability_ratio"]]
                   .to_dataframe(), "held-out outcomes of every fine-tuned SAE of the causal test")
     return ds

@@ -9,6 +9,16 @@ from storage.corpus import DEFAULT_CORPUS
 from storage.models import ModelSpec
 
 DEFAULT_HOOKS: tuple[str, ...] = ("blocks.3.hook_resid_post",)
+MODEL_DEFAULT_HOOKS: dict[str, tuple[str, ...]] = {
+    "all-MiniLM-L6-v2": DEFAULT_HOOKS,  # 6 blocks
+    "gemma-3-270m": ("blocks.6.hook_resid_post",),  # 18 blocks: a third of the way in, as for MiniLM's 4 of 6
+}
+
+
+def default_hooks(model_label: str) -> tuple[str, ...]:
+    """The hooks analysed when none are given: per built-in model, else DEFAULT_HOOKS."""
+    return MODEL_DEFAULT_HOOKS.get(model_label, DEFAULT_HOOKS)
+
 DEFAULT_OUT = "saema-out"
 
 if TYPE_CHECKING:
@@ -24,8 +34,9 @@ class ExtractConfig:
     """Output folder (or fsspec URL); the store goes to <out>/activations/<model>.zarr."""
     model: ModelSpec = field(default_factory=ModelSpec)
     """Which model to load and how."""
-    hooks: tuple[str, ...] = DEFAULT_HOOKS
-    """Residual hook points, TransformerLens names (blocks.{L}.hook_resid_pre|post)."""
+    hooks: tuple[str, ...] = ()
+    """Residual hook points, TransformerLens names (blocks.{L}.hook_resid_pre|post); empty = the model's
+    default (`default_hooks`)."""
     concepts: tuple[str, ...] = ()
     """Concept names; empty = all built-in concepts (or all concepts of --prompts)."""
     prompt_file: str | None = None
@@ -66,7 +77,7 @@ class ExtractConfig:
         if self.corpus_seq_len < 8:
             raise ValueError(f"corpus_seq_len must be ≥ 8, got {self.corpus_seq_len}")
         if not self.hooks:
-            raise ValueError("at least one hook is required")
+            object.__setattr__(self, "hooks", default_hooks(self.model.label))
         for name in ("concept_contexts", "concept_window", "min_concept_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.config import (
-    DEFAULT_HOOKS,
     DEFAULT_OUT,
     CausalStageConfig,
     ExtractConfig,
@@ -13,15 +12,15 @@ from flows.config import (
     SAEStageConfig,
     StratifyConfig,
 )
-from flows.pipeline import STAGES, saema_pipeline
+from flows.pipeline import STAGES, saema_models, saema_pipeline
 from storage.corpus import DEFAULT_CORPUS
 from storage.models import DEFAULT_MODEL, ModelSpec
 
 
 @flow(name="saema-scheduled")
 def scheduled_pipeline(
-    model: str = DEFAULT_MODEL,
-    hooks: tuple[str, ...] = DEFAULT_HOOKS,
+    models: tuple[str, ...] = (DEFAULT_MODEL,),
+    hooks: tuple[str, ...] = (),
     concepts: tuple[str, ...] = (),
     out: str = DEFAULT_OUT,
     corpus: str | None = DEFAULT_CORPUS,
@@ -41,12 +40,16 @@ def scheduled_pipeline(
 ) -> None:
     """`saema run` for a deployment: every parameter is JSON (tuples are JSON arrays), so a schedule
     (or a one-off run with overrides, e.g. a small `corpus_max_tokens`, `sae_steps` and `stages` up
-    to stratify) can carry it. Empty `concepts`: all built-in concepts.
+    to stratify) can carry it. Several `models` run one after the other into the one store `out`
+    (`saema_models`), each on `hooks` (empty: each model's own default hooks). Empty `concepts`: all
+    built-in concepts.
 
     Paths (`out`, `corpus`, a local `model` folder) are relative to the working directory of the
     deployment: the repository root that `prefect deploy --all` ran in.
     """
-    cfg = PipelineConfig(
+    if not models:
+        raise ValueError("models is empty: name at least one model")
+    configs = [PipelineConfig(
         extract=ExtractConfig(out=out, model=ModelSpec(name=model), hooks=tuple(hooks),
                               concepts=tuple(concepts), corpus=corpus,
                               corpus_max_tokens=corpus_max_tokens, concept_source=concept_source,
@@ -55,4 +58,8 @@ def scheduled_pipeline(
         stratify=StratifyConfig(noise_levels=tuple(noise_levels), replicates=replicates,
                                 dask_address=dask_address, n_workers=n_workers),
         causal=CausalStageConfig(betas=tuple(causal_betas), seeds=tuple(causal_seeds), steps=causal_steps))
-    saema_pipeline(cfg, stages=tuple(stages))
+        for model in dict.fromkeys(models)]
+    if len(configs) == 1:
+        saema_pipeline(configs[0], stages=tuple(stages))
+    else:
+        saema_models(configs, stages=tuple(stages))

@@ -27,7 +27,7 @@ def extract_flow(cfg: ExtractConfig = ExtractConfig()) -> list[ActivationRef]:
         print(f"concept {concept.name}: {ref.n_analysed} analysed tokens from {concept.source}{floor}")
     if cfg.corpus:
         refs.append(extract_corpus(cfg))
-    consolidate(activation_store_url(cfg.out, cfg.model.name))
+    consolidate(activation_store_url(cfg.out, cfg.model.label))
     computed = sum(ref.computed for ref in refs)
     print(f"activations: {len(refs)} groups × {len(cfg.hooks)} hooks, {computed} computed, "
           f"{len(refs) - computed} already complete")

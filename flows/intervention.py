@@ -21,7 +21,7 @@ from flows.grid import run_grid
 from saema_core.intervention import PAPER, InterventionConfig
 from saema_core.statistics import replicate_slope
 from storage.locations import exists
-from storage.plots import plot_intervention
+from storage.plots import plot_intervention, plot_path
 from storage.results import write_group
 from tasks.artifacts import publish_plot, publish_table
 from tasks.intervention import TRAJECTORY_FIELDS, inputs_fingerprint
@@ -181,12 +181,12 @@ def intervention_flow(out: str, model_name: str, hooks: tuple[str, ...], concept
     ds = intervention_dataset(model_name, cells, results, cfg, list(hooks), list(concepts))
     changed = write_group(out, "intervention", ds)
     for hook in hooks:
-        png = f"{out}/plots/intervention_{hook}.png"
+        png = plot_path(out, model_name, "intervention", hook)
         if changed or not exists(png):
             plot_intervention(ds.sel(model=model_name, hook=hook), png)
-        publish_plot(f"intervention-{hook}", png, f"post-hoc moves at {hook}: ΔMSE vs ΔSep and vs α")
+        publish_plot(f"intervention-{model_name}-{hook}", png, f"post-hoc moves at {hook}: ΔMSE vs ΔSep and vs α")
     slopes = ds[["slope", "slope_ci_low", "slope_ci_high", "n_replicates"]].to_dataframe()
-    publish_table("intervention-slopes", slopes, "slope of ΔMSE on ΔSep at fixed displacement, concepts as replicates")
+    publish_table(f"intervention-slopes-{model_name}", slopes, "slope of ΔMSE on ΔSep at fixed displacement, concepts as replicates")
     for (m, hook, objective, kind), row in slopes.iterrows():
         print(f"{hook} {objective} {kind}: slope {row.slope:.3g} (95% CI {row.slope_ci_low:.3g} to "
               f"{row.slope_ci_high:.3g}, {int(row.n_replicates)} concepts)")

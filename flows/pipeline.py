@@ -18,6 +18,7 @@ from flows.sae import sae_flow
 from flows.stratify import stratify_flow
 from flows.structure import structure_flow
 from storage.report import report_is_current, write_report
+from storage.results import recorded_run
 
 STAGES = ("extract", "sae", "stratify", "structure", "intervention", "causal", "report")
 
@@ -30,27 +31,46 @@ def saema_pipeline(cfg: PipelineConfig = PipelineConfig(), stages: tuple[str, ..
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)}; stages are {STAGES}")
     ex = cfg.extract
-    refs = extract_flow(ex)
-    concepts = tuple(ref.concept for ref in refs if ref.concept is not None)
-    if "sae" not in stages:
-        return
-    sae_refs = sae_flow(ex.out, ex.model.name, ex.hooks, concepts, cfg.sae, model=ex.model, refresh=ex.refresh)
-    dask = (cfg.stratify.dask_address, cfg.stratify.n_workers)
-    with cluster_per_run():  # one local Dask cluster for the parallel stages, started when first needed
-        if "stratify" in stages:
-            stratify_flow(ex.out, ex.model.name, ex.hooks, concepts, sae_refs, cfg.stratify, ex.refresh)
-        if "structure" in stages:
-            structure_flow(ex.out, ex.model.name, ex.hooks, concepts, sae_refs, cfg.structure, *dask, ex.refresh)
-        if "intervention" in stages:
-            intervention_flow(ex.out, ex.model.name, ex.hooks, concepts, sae_refs, cfg.intervention,
-                              cfg.structure.seeds[0], *dask, ex.refresh)
-        if "causal" in stages:
-            causal_flow(ex.out, ex.model.name, ex.hooks, sae_refs, cfg.causal, cfg.sae.holdout_fraction, ex.model,
-                        *dask, ex.refresh, dead_tokens=cfg.sae.dead_tokens)
-    if {"stratify", "structure", "intervention", "causal"} & set(stages):
-        findings_flow(ex.out)
+    record = {"model": ex.model.label, "hooks": list(ex.hooks), "stages": list(stages),
+              "concepts": list(ex.concepts) or [ex.prompt_file or "default concepts"]}
+    with recorded_run(ex.out, record):  # a failed run stays recorded until a re-run completes it
+        _run_stages(cfg, stages)
     if "report" in stages:
         current = report_is_current(ex.out)
         print(f"report: {ex.out.rstrip('/')}/report.html" + (" (unchanged)" if current else ""))
         if not current:
             write_report(ex.out)
+
+
+@flow(name="saema-models", log_prints=True)
+def saema_models(configs: list[PipelineConfig], stages: tuple[str, ...] = STAGES) -> None:
+    """`saema_pipeline` for several models, one after the other, each a subflow; their results go
+    into one store when they share `out`, side by side along the `model` dimension."""
+    labels = [cfg.extract.model.label for cfg in configs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"two models would be stored under one name: {labels}")
+    for cfg in configs:
+        saema_pipeline.with_options(flow_run_name=f"saema-{cfg.extract.model.label}")(cfg, stages=stages)
+
+
+def _run_stages(cfg: PipelineConfig, stages: tuple[str, ...]) -> None:
+    ex = cfg.extract
+    refs = extract_flow(ex)
+    concepts = tuple(ref.concept for ref in refs if ref.concept is not None)
+    if "sae" not in stages:
+        return
+    sae_refs = sae_flow(ex.out, ex.model.label, ex.hooks, concepts, cfg.sae, model=ex.model, refresh=ex.refresh)
+    dask = (cfg.stratify.dask_address, cfg.stratify.n_workers)
+    with cluster_per_run():  # one local Dask cluster for the parallel stages, started when first needed
+        if "stratify" in stages:
+            stratify_flow(ex.out, ex.model.label, ex.hooks, concepts, sae_refs, cfg.stratify, ex.refresh)
+        if "structure" in stages:
+            structure_flow(ex.out, ex.model.label, ex.hooks, concepts, sae_refs, cfg.structure, *dask, ex.refresh)
+        if "intervention" in stages:
+            intervention_flow(ex.out, ex.model.label, ex.hooks, concepts, sae_refs, cfg.intervention,
+                              cfg.structure.seeds[0], *dask, ex.refresh)
+        if "causal" in stages:
+            causal_flow(ex.out, ex.model.label, ex.hooks, sae_refs, cfg.causal, cfg.sae.holdout_fraction, ex.model,
+                        *dask, ex.refresh, dead_tokens=cfg.sae.dead_tokens)
+    if {"stratify", "structure", "intervention", "causal"} & set(stages):
+        findings_flow(ex.out)

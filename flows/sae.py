@@ -8,7 +8,7 @@ from prefect import flow
 
 from flows.config import SAEStageConfig
 from storage.activation_store import activation_store_url, content_hash
-from storage.models import ModelSpec
+from storage.models import ModelSpec, load_model
 from storage.results import write_group
 from tasks.artifacts import publish_table
 from tasks.caching import cached
@@ -51,6 +51,15 @@ def sae_eval_dataset(model_name: str, refs: list[SAERef], metrics: list[dict]) -
     return xr.Dataset(variables, coords={"model": [model_name], "hook": hooks, "sae": kinds})
 
 
+def model_provenance(model: ModelSpec | None) -> dict:
+    """Where the model under its readable `model` name came from: the folder or hub name, and revision."""
+    loaded = load_model(model) if model is not None else None
+    source = loaded.source if loaded else ""
+    revision = loaded.revision if loaded else ""
+    return {"model_source": ("model", [source], {"description": "the folder or hub name the model was loaded from"}),
+            "model_revision": ("model", [revision], {"description": "hub commit or content hash of the folder"})}
+
+
 def ce_loss_score_variable(refs: list[SAERef], metrics: list[dict], hooks: list[str],
                            kinds: list[str]) -> tuple:
     """`ce_loss_score` (model, hook, sae); a `reason` attribute, naming the cells, only where it is NaN."""
@@ -83,9 +92,9 @@ def sae_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: tuple[
     evaluate = cached(evaluate_sae, out, refresh)
     corpus = {hook: content_hash(activation_store_url(out, model_name), hook) for hook in hooks}
     metrics = [evaluate(out, model_name, ref, cfg.holdout_fraction, model, content=corpus[ref.hook]) for ref in refs]
-    evaluation = sae_eval_dataset(model_name, refs, metrics)
+    evaluation = sae_eval_dataset(model_name, refs, metrics).assign(model_provenance(model))
     write_group(out, "sae_eval", evaluation)
-    publish_table("sae-eval", evaluation.drop_vars(["sae_id"]).to_dataframe(),
+    publish_table(f"sae-eval-{model_name}", evaluation.drop_vars(["sae_id"]).to_dataframe(),
                   "SAE and dense-AE reconstruction on held-out corpus tokens")
     for ref, values in zip(refs, metrics):
         print(f"{ref.hook} {ref.kind} {ref.sae_id}: EV {values['explained_variance']:.3f}, "

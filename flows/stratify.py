@@ -14,7 +14,7 @@ from saema_core.ranks import ESTIMATORS, MODES
 from saema_core.stratification import stratification_verdict
 from storage.activation_store import activation_store_url, concept_source, content_hash
 from storage.locations import exists
-from storage.plots import plot_rank_vs_noise
+from storage.plots import plot_path, plot_rank_vs_noise
 from storage.results import write_group
 from tasks.artifacts import publish_plot, publish_table
 from tasks.sae import SAERef
@@ -172,12 +172,12 @@ def stratify_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: t
     changed = write_group(out, "stratification", ds)
     write_group(out, "strata", strata_dataset(model_name, cells, results, cfg, list(hooks), list(concepts)))
     for hook in hooks:
-        png = f"{out}/plots/stratification_{hook}.png"
+        png = plot_path(out, model_name, "stratification", hook)
         if changed or not exists(png):
             plot_rank_vs_noise(ds.sel(model=model_name, hook=hook), png)
-        publish_plot(f"stratification-{hook}", png, f"SAEMA latent-mode rank vs noise at {hook}")
+        publish_plot(f"stratification-{model_name}-{hook}", png, f"SAEMA latent-mode rank vs noise at {hook}")
     verdicts = ds[["verdict", "n_strata", "rank_range", "tau", "n_unsaturated"]].sel(mode="latent")
-    publish_table("stratification-verdicts", verdicts.to_dataframe(),
+    publish_table(f"stratification-verdicts-{model_name}", verdicts.to_dataframe(),
                   "SAEMA verdicts per (model, hook, concept, space), latent mode, exact rank")
     counts = verdicts["verdict"].to_series().groupby(level="space").value_counts()
     print(f"stratification verdicts (latent mode, exact rank): {counts.to_dict()}")

@@ -10,7 +10,7 @@ from flows.config import StructureStageConfig
 from flows.grid import run_grid
 from saema_core.structure import METRIC_NAMES
 from storage.locations import exists
-from storage.plots import plot_structure_scatter
+from storage.plots import plot_path, plot_structure_scatter
 from storage.results import write_group
 from tasks.artifacts import publish_plot, publish_table
 from tasks.sae import SAERef
@@ -121,14 +121,14 @@ def structure_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: 
     by_cell = dict(zip(cells, results))
     for hook in hooks:
         for concept in concepts:
-            png = f"{out}/plots/structure_{hook}_{concept}.png"
+            png = plot_path(out, model_name, "structure", hook, concept)
             if changed or not exists(png):
                 panels = {s: by_cell[(hook, concept, s, cfg.seeds[0])] for s in cfg.spaces}
-                plot_structure_scatter(panels, meta[concept]["token"], f"{hook} · {concept}", png)
-            publish_plot(f"structure-{hook}-{concept}", png, f"UMAP of {concept} at {hook}, coloured by cluster")
+                plot_structure_scatter(panels, meta[concept]["token"], f"{model_name} {hook} · {concept}", png)
+            publish_plot(f"structure-{model_name}-{hook}-{concept}", png, f"UMAP of {concept} at {hook}, coloured by cluster")
     metrics = ds[["n_clusters", "noise_fraction", "avg_intrinsic_dim", "mst_weight", "agd", "procrustes_disparity",
                   *_IDENTITIES]]
-    publish_table("structure-metrics", metrics.mean("seed").to_dataframe(),
+    publish_table(f"structure-metrics-{model_name}", metrics.mean("seed").to_dataframe(),
                   "structure metrics per (model, hook, concept, space), mean over UMAP seeds")
     clusters = ds["n_clusters"].mean(["model", "hook", "concept", "seed"]).to_pandas()
     print(f"structure: {len(cells)} cells; mean clusters per space: {clusters.round(1).to_dict()}")

@@ -14,9 +14,11 @@ from collections.abc import Sequence
 import pandas as pd
 import xarray as xr
 
+from saema_core.compare import by_layer, layer_of
 from storage.results import GROUPS, ResultsError, open_results, read_group, results_url
 
-__all__ = ["FILTER_DIMS", "MAX_CELLS", "ResultsError", "open_results", "query", "select", "stored_groups", "to_frame"]
+__all__ = ["FILTER_DIMS", "MAX_CELLS", "ResultsError", "by_layer", "layer_of", "open_results", "query", "select",
+           "stored_groups", "to_frame"]
 
 FILTER_DIMS: tuple[str, ...] = ("model", "hook", "concept")
 """The dimensions `query` filters on (whichever of them a group has)."""
@@ -136,3 +138,4 @@ def to_frame(ds: xr.Dataset, variables: Sequence[str] | None = None, max_cells: 
         frame = frame[coords + chosen]
     frame.attrs["skipped"] = skipped
     return frame
+

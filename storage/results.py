@@ -167,6 +167,66 @@ def _swap_in(root: Path, group: str, ds: xr.Dataset) -> None:
         zarr.open_group(str(root), mode="a")
 
 
+RUNS_ATTR = "saema_runs_in_progress"
+"""Root attribute of results.zarr: the runs that started writing and have not finished."""
+
+
+def _covers(done: dict, other: dict) -> bool:
+    """A finished run `done` re-did everything `other` set out to do, and `other` is no longer running."""
+    return (done["model"] == other.get("model") and done["concepts"] == other.get("concepts")
+            and set(other.get("hooks", [])) <= set(done["hooks"]) and set(other.get("stages", [])) <= set(done["stages"])
+            and _stale(f"pid {other.get('pid')} on {other.get('host')}"))
+
+
+def _set_run(url: str, run_id: str, record: dict, finished: bool = False) -> None:
+    with write_lock(url):
+        root = zarr.open_group(url, mode="a")
+        runs = dict(root.attrs.get(RUNS_ATTR, {}))
+        runs[run_id] = record
+        if finished:
+            runs = {key: run for key, run in runs.items() if key != run_id and not _covers(record, run)}
+        root.attrs[RUNS_ATTR] = runs
+        zarr.consolidate_metadata(url)
+
+
+@contextlib.contextmanager
+def recorded_run(out: str, record: dict) -> Iterator[None]:
+    """Mark the store as holding a run in progress until the block finishes without an error.
+
+    Groups are written one by one as stages finish (each atomically), so a run that fails part-way
+    leaves earlier groups extended and later ones as they were. It stays recorded under `RUNS_ATTR`
+    (what it was extending, when it started) so that `saema query` and the report say the store is
+    partly updated; re-running the same command completes it from the cache and clears the record
+    (a finished run clears the records of dead runs whose model, concepts, hooks and stages it covered).
+    """
+    url = results_url(out)
+    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    record = {**record, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "pid": os.getpid(), "host": os.uname().nodename}
+    _set_run(url, run_id, record)
+    yield
+    _set_run(url, run_id, record, finished=True)
+
+
+def runs_in_progress(out: str) -> dict[str, dict]:
+    """The recorded runs that did not finish (a failed run, or one still running)."""
+    url = results_url(out)
+    if not exists(url):
+        return {}
+    try:
+        return dict(zarr.open_group(url, mode="r").attrs.get(RUNS_ATTR, {}))
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return {}
+
+
+def incomplete_warning(out: str) -> str:
+    """One line per unfinished run, for `saema query` and the report; "" when there is none."""
+    return "\n".join(
+        f"run started {run['started']} (pid {run['pid']} on {run['host']}) has not finished (it failed, or is still running): it extends "
+        f"{run.get('model', '?')} × {', '.join(run.get('hooks', []))} × {', '.join(run.get('concepts', []))} "
+        f"through stages {', '.join(run.get('stages', []))}; groups may cover different cells until the same "
+        f"command is re-run to completion" for run in runs_in_progress(out).values())
+
+
 def open_results(out: str) -> xr.DataTree:
     """All result groups as a lazy DataTree (`tree["stratification"].ds`)."""
     url = results_url(out)

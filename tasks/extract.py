@@ -47,7 +47,7 @@ def _writers(cfg: ExtractConfig, lm: LoadedModel, url: str, plan: BatchPlan, con
              about: dict | None = None):
     writers = {}
     for hook in cfg.hooks:
-        attrs = provenance(model=cfg.model.name, model_revision=lm.revision, hook=hook,
+        attrs = provenance(model=cfg.model.label, model_source=lm.source, model_revision=lm.revision, hook=hook,
                            dtype="float32", model_dtype=cfg.model.dtype,
                            tokenizer=type(lm.tokenizer).__name__, architecture=lm.architecture,
                            split="corpus" if concept is None else "concepts",
@@ -82,7 +82,7 @@ def _todo(writers: dict, n_batches: int) -> dict[str, set[int]]:
 
 
 def _identity(cfg: ExtractConfig, lm: LoadedModel) -> dict:
-    return {"model": cfg.model.name, "model_revision": lm.revision, "d_model": lm.d_model,
+    return {"model": cfg.model.label, "model_source": lm.source, "model_revision": lm.revision, "d_model": lm.d_model,
             "n_layers": lm.n_layers}
 
 
@@ -91,7 +91,7 @@ def _identity(cfg: ExtractConfig, lm: LoadedModel) -> dict:
 def extract_concept(cfg: ExtractConfig, concept: Concept) -> ActivationRef:
     """Stream one concept's prompts through the model into its groups (skip complete batches)."""
     lm = load_model(cfg.model)
-    url = store.activation_store_url(cfg.out, cfg.model.name)
+    url = store.activation_store_url(cfg.out, cfg.model.label)
     store.open_store(url, _identity(cfg, lm))
     plan, batches = concept_batches(lm.tokenizer, concept, cfg.batch_size)
     n_analysed = int(sum(batch.mask.sum() for batch in batches))
@@ -109,7 +109,7 @@ def extract_concept(cfg: ExtractConfig, concept: Concept) -> ActivationRef:
 def extract_corpus(cfg: ExtractConfig) -> ActivationRef:
     """Stream the training corpus through the model; memory stays bounded by one batch."""
     lm = load_model(cfg.model)
-    url = store.activation_store_url(cfg.out, cfg.model.name)
+    url = store.activation_store_url(cfg.out, cfg.model.label)
     store.open_store(url, _identity(cfg, lm))
     plan = corpus_plan(lm.tokenizer, cfg.corpus, cfg.corpus_seq_len, cfg.corpus_batch_size,
                        cfg.corpus_max_tokens)

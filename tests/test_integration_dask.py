@@ -141,7 +141,7 @@ def test_stratify_runs_on_the_given_scheduler_and_equals_a_local_cluster(dask_cl
     assert set(ran) == set(workers.values()), f"tasks ran on {sorted(set(ran))}; workers: {workers}"
     # Their task runs reached the test's Prefect API; no worker started a temporary server of its own.
     with get_client(sync_client=True) as client:  # the test's own backend, the conftest harness
-        assert len(completed_task_runs(client, f"stratify {cfg.extract.model.name} %")) == n_cells
+        assert len(completed_task_runs(client, f"stratify {cfg.extract.model.label} %")) == n_cells
     assert "temporary server" not in logs(dask_cluster.workers)
 
     local = run_stages_up_to_stratify(tiny_config(tmp_path, "out-local", None))

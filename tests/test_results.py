@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import multiprocessing
+import subprocess
 
 import numpy as np
 import pytest
 import xarray as xr
+import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -181,3 +183,40 @@ def _plain(value):
 
 def _holds(run: xr.Dataset, where: dict) -> bool:
     return all(where[d] in run[d].values for d in _DIMS)
+
+
+def test_a_failed_run_stays_recorded_until_a_rerun_completes(tmp_path):
+    from storage.report import render_report, report_is_current, write_report
+    from storage.results import RUNS_ATTR, incomplete_warning, recorded_run, runs_in_progress
+
+    out = str(tmp_path)
+    record = {"model": "gemma-3-270m", "hooks": ["blocks.6.hook_resid_post"], "stages": ["extract", "stratify"],
+              "concepts": ["months"]}
+    with pytest.raises(RuntimeError), recorded_run(out, record):
+        write_group(out, "stratification", _cells(["blocks.6.hook_resid_post"], ["months"], 1.0))
+        raise RuntimeError("structure stage failed")
+    [(run_id, failed)] = runs_in_progress(out).items()
+    assert failed["model"] == "gemma-3-270m"
+    warning = incomplete_warning(out)
+    assert "has not finished" in warning and "blocks.6.hook_resid_post" in warning and "months" in warning
+    assert "Partly updated" in render_report(out)
+    write_report(out)
+    assert report_is_current(out)
+    with recorded_run(out, {**record, "stages": ["extract"]}):  # a smaller run does not complete it
+        assert len(runs_in_progress(out)) == 2
+    assert list(runs_in_progress(out)) == [run_id]
+    with recorded_run(out, record):  # the failed run's process (this one) is alive: not taken over
+        pass
+    assert list(runs_in_progress(out)) == [run_id]
+    root = zarr.open_group(results_url(out), mode="a")  # now its process is gone
+    root.attrs[RUNS_ATTR] = {run_id: {**failed, "pid": _dead_pid()}}
+    with recorded_run(out, record):  # the same command re-run to completion
+        pass
+    assert runs_in_progress(out) == {} and incomplete_warning(out) == "" and not report_is_current(out)
+    assert xr.open_datatree(results_url(out), engine="zarr")["stratification"].ds["rank"].size == 1
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid

@@ -32,7 +32,9 @@ from tasks.sae import SAERef, evaluate_sae
 HOOK = "blocks.1.hook_resid_post"
 TEXTS = ["The month of March is cold and wet.", "Saturn has rings", "Helium is a noble gas in group 18."]
 # Layer modules written out by hand, so the oracle hook shares no code with saema_core.hooks.
-ORACLE_BLOCK = {"causal": lambda m: m.transformer.h[1], "masked": lambda m: m.bert.encoder.layer[1]}
+ORACLE_BLOCK = {"causal": lambda m: m.transformer.h[1], "masked": lambda m: m.bert.encoder.layer[1],
+                "gemma": lambda m: m.model.layers[1]}
+KINDS = ["causal", "masked", "gemma"]  # GPT-2 and Gemma 3 (with <bos>, sliding-window layers) are causal
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +50,7 @@ def lm_dirs(tiny_model_dirs, tmp_path_factory) -> dict[str, str]:
         folders[kind] = str(root / kind)
         model.save_pretrained(folders[kind])
         transformers.AutoTokenizer.from_pretrained(tiny_model_dirs[arch]).save_pretrained(folders[kind])
+    folders["gemma"] = tiny_model_dirs["gemma3"]  # saved as Gemma3ForCausalLM
     return folders
 
 
@@ -88,7 +91,7 @@ def _losses(lm, sae, hook: str = HOOK, **cfg):
     return spliced_ce_losses(lm.model, hook, sae, ids, attention, special, config, lm.tokenizer.mask_token_id)
 
 
-@pytest.mark.parametrize("kind", ["causal", "masked"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_identity_sae_costs_nothing_and_zero_sae_is_ablation(lm_dirs, kind):
     lm = _lm(lm_dirs, kind)
     d = lm.model.config.hidden_size
@@ -100,14 +103,14 @@ def test_identity_sae_costs_nothing_and_zero_sae_is_ablation(lm_dirs, kind):
     assert (zero.clean, zero.zero_ablation) == (identity.clean, identity.zero_ablation)
 
 
-def _oracle_loss(lm, replace, ids, attention, positions, labels) -> float:
+def _oracle_loss(lm, kind, replace, ids, attention, positions, labels) -> float:
     """The model's own mean loss (`labels=`) with the block output patched by a plain forward hook."""
     def patch(module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
         new = torch.where(positions[..., None], replace(hidden), hidden)
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
-    handle = ORACLE_BLOCK[lm.kind](lm.model).register_forward_hook(patch) if replace else None
+    handle = ORACLE_BLOCK[kind](lm.model).register_forward_hook(patch) if replace else None
     try:
         with torch.inference_mode():
             return float(lm.model(input_ids=ids, attention_mask=attention, labels=labels).loss)
@@ -116,13 +119,13 @@ def _oracle_loss(lm, replace, ids, attention, positions, labels) -> float:
             handle.remove()
 
 
-@pytest.mark.parametrize("kind", ["causal", "masked"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_spliced_losses_equal_a_hand_written_hook_and_the_models_own_loss(lm_dirs, kind):
     lm = _lm(lm_dirs, kind)
     ids, attention, special = _tokens(lm)
     assert (attention == 0).any(), "the batch must contain padding"
     sae = _random_sae(lm.model.config.hidden_size)
-    if kind == "causal":
+    if lm.kind == "causal":
         inputs, labels = ids, ids.masked_fill(attention == 0, -100)  # the model shifts the labels
     else:
         batch = masked_lm_batch(ids, attention, special, lm.tokenizer.mask_token_id, 0.15,
@@ -132,16 +135,16 @@ def test_spliced_losses_equal_a_hand_written_hook_and_the_models_own_loss(lm_dir
     with torch.inference_mode():
         def reconstruct(x):
             return sae(x).reconstruction
-        expected = [_oracle_loss(lm, f, inputs, attention, positions, labels)
+        expected = [_oracle_loss(lm, kind, f, inputs, attention, positions, labels)
                     for f in (None, reconstruct, torch.zeros_like)]
     # Two rows per forward: the pooled per-token mean must equal the one-forward mean.
-    got = _losses(lm, sae, seed=7, batch_size=2 if kind == "causal" else len(TEXTS))
+    got = _losses(lm, sae, seed=7, batch_size=2 if lm.kind == "causal" else len(TEXTS))
     np.testing.assert_allclose([got.clean, got.sae, got.zero_ablation], expected, rtol=1e-5)
     assert got.sae != pytest.approx(got.clean, rel=1e-3), "the random SAE must change the output"
-    assert got.n_tokens == int((labels != -100).sum()) - (len(TEXTS) if kind == "causal" else 0)
+    assert got.n_tokens == int((labels != -100).sum()) - (len(TEXTS) if lm.kind == "causal" else 0)
 
 
-@pytest.mark.parametrize("kind", ["causal", "masked"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_resid_pre_of_a_block_is_resid_post_of_the_previous_one(lm_dirs, kind):
     lm = _lm(lm_dirs, kind)
     sae = _random_sae(lm.model.config.hidden_size, seed=1)

