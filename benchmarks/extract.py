@@ -1,7 +1,7 @@
 """Extraction throughput and memory: `saema extract`'s streaming loop against a bare forward.
 
     python benchmarks/extract.py [--tokens 65536] [--repeats 3] [--memory-tokens 32768 327680]
-                                 [--hooks blocks.3.hook_resid_post]
+                                 [--hooks blocks.3.hook_resid_post] [--model gemma-3-270m]
 
 Throughput: the same corpus batches, in the same process, through (a) a bare full forward of the
 model, (b) the same forward followed by writing as many hidden states per batch as there are hooks as
@@ -72,7 +72,7 @@ def saema_extraction(cfg: ExtractConfig, lm, batches) -> float:
     """Seconds of saema's streaming loop over `batches` into a fresh store (cfg.hooks)."""
     with tempfile.TemporaryDirectory() as out:
         cfg = ExtractConfig(**{**cfg.__dict__, "out": out})
-        url = store.activation_store_url(out, cfg.model.name)
+        url = store.activation_store_url(out, cfg.model.label)
         store.open_store(url, _identity(cfg, lm))
         plan = corpus_plan(lm.tokenizer, cfg.corpus, cfg.corpus_seq_len, cfg.corpus_batch_size,
                            cfg.corpus_max_tokens)
@@ -82,15 +82,16 @@ def saema_extraction(cfg: ExtractConfig, lm, batches) -> float:
         return time.perf_counter() - start
 
 
-def child_peak_rss(max_tokens: int, hooks: tuple[str, ...]) -> float:
+def child_peak_rss(max_tokens: int, hooks: tuple[str, ...], model: str) -> float:
     """Run the full streaming extraction (batches generated lazily) in a child; peak RSS in MiB."""
-    result = subprocess.run([sys.executable, __file__, "--child", str(max_tokens), "--hooks", *hooks],
+    result = subprocess.run([sys.executable, __file__, "--child", str(max_tokens), "--hooks", *hooks,
+                             "--model", model],
                             capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mib"]
 
 
-def run_child(max_tokens: int, hooks: tuple[str, ...]) -> None:
-    cfg = ExtractConfig(hooks=hooks, corpus_max_tokens=max_tokens)
+def run_child(max_tokens: int, hooks: tuple[str, ...], model: str) -> None:
+    cfg = ExtractConfig(model=ModelSpec(name=model), hooks=hooks, corpus_max_tokens=max_tokens)
     lm = load_model(cfg.model)
     plan = corpus_plan(lm.tokenizer, cfg.corpus, cfg.corpus_seq_len, cfg.corpus_batch_size, max_tokens)
     saema_extraction(cfg, lm, corpus_batches(lm.tokenizer, cfg.corpus, plan))
@@ -104,13 +105,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-tokens", type=int, nargs="*", default=[32_768, 327_680])
     parser.add_argument("--hooks", nargs="+", default=list(HOOKS), help="hooks to extract")
+    parser.add_argument("--model", default="all-MiniLM-L6-v2", help="model to measure (e.g. gemma-3-270m)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     hooks = tuple(args.hooks)
     if args.child:
-        return run_child(args.child, hooks)
+        return run_child(args.child, hooks, args.model)
     keep_freed_memory()  # what `saema extract` does; the bare forward runs under the same allocator
-    cfg = ExtractConfig(model=ModelSpec(), hooks=hooks, corpus_max_tokens=args.tokens)
+    cfg = ExtractConfig(model=ModelSpec(name=args.model), hooks=hooks, corpus_max_tokens=args.tokens)
     lm = load_model(cfg.model)
     plan = corpus_plan(lm.tokenizer, cfg.corpus, cfg.corpus_seq_len, cfg.corpus_batch_size, args.tokens)
     batches = list(corpus_batches(lm.tokenizer, cfg.corpus, plan))
@@ -123,7 +125,7 @@ def main() -> None:
     tok = plan.n_tokens
     b, f, o = statistics.median(bare), statistics.median(floor), statistics.median(ours)
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"model all-MiniLM-L6-v2, hooks {', '.join(hooks)}, {tok} tokens, seq_len {plan.seq_len}, "
+    print(f"model {cfg.model.label}, hooks {', '.join(hooks)}, {tok} tokens, seq_len {plan.seq_len}, "
           f"batch {plan.batch_rows} sequences, median of {args.repeats}")
     print(f"bare full forward      : {tok / b:10.0f} tokens/s")
     print(f"bare + raw file writes : {tok / f:10.0f} tokens/s  (the same bytes as plain files)")
@@ -131,7 +133,7 @@ def main() -> None:
     print(f"ratio saema / bare     : {b / o:10.2f}  (target >= 0.9)")
     print(f"ratio saema / (bare + raw writes): {f / o:4.2f}  (saema's own cost beyond writing the bytes)")
     for n in args.memory_tokens:
-        print(f"peak RSS, {n:>8} corpus tokens: {child_peak_rss(n, hooks):8.0f} MiB")
+        print(f"peak RSS, {n:>8} corpus tokens: {child_peak_rss(n, hooks, args.model):8.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.config import PipelineConfig
 from flows.causal import causal_flow
+from flows.config import PipelineConfig
 from flows.dask_runner import cluster_per_run
 from flows.extract import extract_flow
 from flows.findings import findings_flow

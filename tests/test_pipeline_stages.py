@@ -166,7 +166,7 @@ def test_structure_group_keeps_labels_and_tokens(pipeline_run):
     assert all("no cluster" in r for r in ds.reason.values[no_cluster])
     assert np.isnan(ds.mst_weight.values[no_cluster]).all()
     from pathlib import Path
-    assert Path(out, "plots", f"structure_{HOOK}_planets.png").stat().st_size > 1000
+    assert Path(out, "plots", model, f"structure_{HOOK}_planets.png").stat().st_size > 1000
 
 
 def test_intervention_group_has_moves_controls_decomposition_and_the_paper_baseline(pipeline_run):

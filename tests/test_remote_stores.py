@@ -116,7 +116,8 @@ def test_checkpoints_plots_and_report_live_under_the_url(runs):
             f"stratification_{HOOK}.png", f"intervention_{HOOK}.png"} <= names
     assert "data:image/png;base64," in locations.read_text(f"{out}/report.html")
     folder = locations.local_path(runs["file"].extract.out)
-    assert (folder / "report.html").is_file() and (folder / "plots" / f"structure_{HOOK}_planets.png").is_file()
+    label = runs["file"].extract.model.label
+    assert (folder / "report.html").is_file() and (folder / "plots" / label / f"structure_{HOOK}_planets.png").is_file()
     assert not (folder.parent / "file:").exists()  # no folder named after the URL scheme
 
 
