@@ -15,6 +15,19 @@ MODEL_DEFAULT_HOOKS: dict[str, tuple[str, ...]] = {
 }
 
 
+DEFAULT_BUDGET = {"corpus_max_tokens": 262_144, "concept_contexts": 1500}
+MODEL_BUDGETS: dict[str, dict[str, int]] = {
+    # A forward of Gemma 3 270M to block 6 costs ~5× MiniLM's to block 3 per token, and its SAE is
+    # 5 120 wide: half the corpus and 600 contexts per concept keep a cold run near 15 minutes here.
+    "gemma-3-270m": {"corpus_max_tokens": 131_072, "concept_contexts": 600},
+}
+
+
+def default_budget(model_label: str) -> dict[str, int]:
+    """Corpus tokens and contexts per concept when none are given: per built-in model, else the default."""
+    return {**DEFAULT_BUDGET, **MODEL_BUDGETS.get(model_label, {})}
+
+
 def default_hooks(model_label: str) -> tuple[str, ...]:
     """The hooks analysed when none are given: per built-in model, else DEFAULT_HOOKS."""
     return MODEL_DEFAULT_HOOKS.get(model_label, DEFAULT_HOOKS)
@@ -22,8 +35,8 @@ def default_hooks(model_label: str) -> tuple[str, ...]:
 DEFAULT_OUT = "saema-out"
 
 if TYPE_CHECKING:
-    from storage.concept_sources import ContextSpec
     from saema_core.structure import StructureConfig
+    from storage.concept_sources import ContextSpec
 
 
 @dataclass(frozen=True)
@@ -45,7 +58,7 @@ class ExtractConfig:
     concept_source: str = "auto"
     """auto (corpus contexts where the corpus has enough occurrences, else templates), corpus,
     templates, or a prompt file."""
-    concept_contexts: int = 1500
+    concept_contexts: int | None = None
     """Cap on the corpus contexts per concept (one analysed item occurrence each)."""
     concept_window: int = 10
     """Words of context either side of a corpus occurrence."""
@@ -59,7 +72,7 @@ class ExtractConfig:
     """Tokens per corpus sequence (special tokens included)."""
     corpus_batch_size: int = 16
     """Corpus sequences per forward (one Zarr chunk)."""
-    corpus_max_tokens: int = 262_144
+    corpus_max_tokens: int | None = None
     """Corpus tokens to extract (the default corpus has about 2.3M)."""
     refresh: bool = False
     """Recompute and overwrite groups even when they are complete or hold other inputs."""
@@ -71,6 +84,9 @@ class ExtractConfig:
                            window_words=self.concept_window, floor=self.min_concept_tokens)
 
     def __post_init__(self) -> None:
+        for name, value in default_budget(self.model.label).items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         for name in ("batch_size", "corpus_batch_size", "corpus_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")

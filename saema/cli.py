@@ -8,9 +8,11 @@ import sys
 from collections.abc import Callable
 
 from flows.config import (
+    DEFAULT_BUDGET,
     DEFAULT_HOOKS,
-    MODEL_DEFAULT_HOOKS,
     DEFAULT_OUT,
+    MODEL_BUDGETS,
+    MODEL_DEFAULT_HOOKS,
     CausalStageConfig,
     ExtractConfig,
     InterventionStageConfig,
@@ -37,6 +39,11 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="allow code shipped with the model to run (off by default)")
 
 
+def _budget_help(name: str) -> str:
+    return ", ".join(f"{model}: {budget[name]}" for model, budget in MODEL_BUDGETS.items()) + \
+        f"; otherwise {DEFAULT_BUDGET[name]}"
+
+
 def _add_extract_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder or fsspec URL (default: {DEFAULT_OUT})")
     _add_model_options(parser)
@@ -53,8 +60,9 @@ def _add_extract_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", dest="prompt_file", default=None,
                         help="JSON/YAML prompt file (same as --concept-source FILE): {concept: [prompts]} or "
                              "{concept: {prompts, items, fillers}}; a concept with items gets corpus contexts")
-    parser.add_argument("--concept-contexts", type=int, default=ExtractConfig.concept_contexts,
-                        help="cap on corpus contexts per concept (default: %(default)s)")
+    parser.add_argument("--concept-contexts", type=int, default=None,
+                        help="cap on corpus contexts per concept (default: per model, "
+                             + _budget_help("concept_contexts") + ")")
     parser.add_argument("--concept-window", type=int, default=ExtractConfig.concept_window,
                         help="words of context either side of a corpus occurrence (default: %(default)s)")
     parser.add_argument("--min-concept-tokens", type=int, default=ExtractConfig.min_concept_tokens,
@@ -62,8 +70,8 @@ def _add_extract_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", default=DEFAULT_CORPUS,
                         help="SAE training corpus: 'sotu' (offline default), a .txt file or folder, "
                              "'hf:NAME[:SPLIT[:COLUMN]]', or 'none' to skip")
-    parser.add_argument("--corpus-max-tokens", type=int, default=ExtractConfig.corpus_max_tokens,
-                        help="corpus tokens to extract (default: %(default)s)")
+    parser.add_argument("--corpus-max-tokens", type=int, default=None,
+                        help="corpus tokens to extract (default: per model, " + _budget_help("corpus_max_tokens") + ")")
     parser.add_argument("--batch-size", type=int, default=ExtractConfig.batch_size,
                         help="prompts per forward (default: %(default)s)")
     parser.add_argument("--corpus-batch-size", type=int, default=ExtractConfig.corpus_batch_size,

@@ -178,13 +178,16 @@ def _covers(done: dict, other: dict) -> bool:
             and _stale(f"pid {other.get('pid')} on {other.get('host')}"))
 
 
-def _set_run(url: str, run_id: str, record: dict, finished: bool = False) -> None:
+def _set_run(url: str, run_id: str, record: dict, state: str = "started") -> None:
+    """Record a run as `started`; remove it when `withdrawn`; when `completed`, remove it and the dead
+    runs it covered."""
     with write_lock(url):
         root = zarr.open_group(url, mode="a")
         runs = dict(root.attrs.get(RUNS_ATTR, {}))
         runs[run_id] = record
-        if finished:
-            runs = {key: run for key, run in runs.items() if key != run_id and not _covers(record, run)}
+        if state != "started":
+            runs = {key: run for key, run in runs.items()
+                    if key != run_id and not (state == "completed" and _covers(record, run))}
         root.attrs[RUNS_ATTR] = runs
         zarr.consolidate_metadata(url)
 
@@ -202,9 +205,24 @@ def recorded_run(out: str, record: dict) -> Iterator[None]:
     url = results_url(out)
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     record = {**record, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "pid": os.getpid(), "host": os.uname().nodename}
+    before = _group_stamps(url)
     _set_run(url, run_id, record)
-    yield
-    _set_run(url, run_id, record, finished=True)
+    try:
+        yield
+    except BaseException:
+        if is_local(url) and _group_stamps(url) == before:  # it failed before writing any group
+            _set_run(url, run_id, record, "withdrawn")
+        raise
+    _set_run(url, run_id, record, "completed")
+
+
+def _group_stamps(url: str) -> dict[str, int]:
+    """When each local group was last swapped in (its metadata file's mtime); {} elsewhere."""
+    if not is_local(url):
+        return {}
+    root = local_path(url)
+    return {group: (root / group / "zarr.json").stat().st_mtime_ns for group in GROUPS
+            if (root / group / "zarr.json").exists()}
 
 
 def runs_in_progress(out: str) -> dict[str, dict]:

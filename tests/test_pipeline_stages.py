@@ -219,13 +219,15 @@ def test_results_open_with_plain_xarray(pipeline_run):
 def test_a_schedule_naming_a_model_that_cannot_load_fails_and_leaves_the_store_intact(pipeline_run):
     from flows.deployments import scheduled_pipeline
     from storage.models import ModelLoadError
+    from storage.results import runs_in_progress
 
     out = pipeline_run.extract.out
     before = {group: read_group(out, group).load() for group in ("stratification", "structure", "sae_eval")}
     with pytest.raises(ModelLoadError, match="no-such-org/no-such-model"):
-        scheduled_pipeline(model="no-such-org/no-such-model", hooks=(HOOK,), concepts=("days",), out=out)
+        scheduled_pipeline(models=["no-such-org/no-such-model"], hooks=(HOOK,), concepts=("days",), out=out)
     for group, stored in before.items():
         xr.testing.assert_identical(read_group(out, group).load(), stored)
+    assert runs_in_progress(out) == {}  # it wrote nothing, so the store is not "partly updated"
 
 
 def test_grid_cells_are_submitted_longest_first_and_results_keep_call_order():
