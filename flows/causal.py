@@ -38,14 +38,21 @@ INTERVALS = {
 }
 
 
-def _ce_models(out: str, model_name: str, hooks, model: ModelSpec | None) -> dict[str, ModelSpec | None]:
-    """Per hook, the model to splice the SAEs into, or None when `sae_eval` found no LM head there."""
+def _ce_models(out: str, model_name: str, hooks, model: ModelSpec | None) -> dict[str, tuple | None]:
+    """Per hook, the model to splice the SAEs into and `sae_eval`'s (clean, zero-ablation) losses of the
+    same held-out sequences, or None when `sae_eval` found no LM head there."""
     evaluation = read_group(out, "sae_eval", dask=False)
     if evaluation is None or model_name not in evaluation.model.values:
         return dict.fromkeys(hooks)
-    scores = evaluation.ce_loss_score.sel(model=model_name, sae="sae")
-    return {hook: (model or ModelSpec(name=model_name))
-            if hook in scores.hook.values and np.isfinite(float(scores.sel(hook=hook))) else None for hook in hooks}
+    cell = evaluation.sel(model=model_name, sae="sae")
+    found = {}
+    for hook in hooks:
+        if hook not in cell.hook.values or not np.isfinite(float(cell.ce_loss_score.sel(hook=hook))):
+            found[hook] = None
+            continue
+        reference = (float(cell.ce_loss_without_sae.sel(hook=hook)), float(cell.ce_loss_with_ablation.sel(hook=hook)))
+        found[hook] = (model or ModelSpec(name=model_name), reference)
+    return found
 
 
 def causal_calls(out: str, model_name: str, hooks, sae_refs: list[SAERef], cfg: CausalStageConfig,
@@ -63,7 +70,9 @@ def causal_calls(out: str, model_name: str, hooks, sae_refs: list[SAERef], cfg: 
                 calls.append({"out": out, "model_name": model_name, "hook": hook, "base_path": saes[hook].path,
                               "base_id": saes[hook].sae_id, "centroids_path": centroids, "beta": beta, "seed": seed,
                               "steps": cfg.steps, "batch_size": cfg.batch_size,
-                              "holdout_fraction": holdout_fraction, "ce_model": ce_models[hook],
+                              "holdout_fraction": holdout_fraction,
+                              "ce_model": ce_models[hook] and ce_models[hook][0],
+                              "ce_reference": ce_models[hook] and ce_models[hook][1],
                               "content": f"{corpus}|{saes[hook].hash}|{basename(centroids)}",
                               "init": cfg.init, "dead_tokens": dead_tokens})
     return calls

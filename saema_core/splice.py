@@ -162,11 +162,15 @@ def _lm_batch(cfg: CELossConfig, input_ids: Tensor, attention_mask: Tensor, spec
 
 
 def _batch_nll_sums(model: torch.nn.Module, hook: str, sae: SAE, batch: LMBatch, attention_mask: Tensor,
-                    positions: Tensor) -> dict[str, float]:
-    """{run: summed NLL} for the clean, SAE-spliced and zero-ablated forwards of one batch."""
-    sums = {"clean": nll_sum(model, batch, attention_mask)}
-    for run, replace in (("sae", sae_reconstruction(sae)), ("zero_ablation", zeros)):
-        with replaced_residual(model, hook, at_positions(replace, positions)):
+                    positions: Tensor, runs: tuple[str, ...] = RUNS) -> dict[str, float]:
+    """{run: summed NLL} for the clean, SAE-spliced and zero-ablated forwards of one batch (those in `runs`)."""
+    replacements = {"clean": None, "sae": sae_reconstruction(sae), "zero_ablation": zeros}
+    sums = {}
+    for run in runs:
+        if replacements[run] is None:
+            sums[run] = nll_sum(model, batch, attention_mask)
+            continue
+        with replaced_residual(model, hook, at_positions(replacements[run], positions)):
             sums[run] = nll_sum(model, batch, attention_mask)
     return sums
 
@@ -187,8 +191,11 @@ def score_or_reason(clean: float, sae: float, zero_ablation: float, n_tokens: in
 @torch.inference_mode()
 def spliced_ce_losses(model: torch.nn.Module, hook: str, sae: SAE, input_ids: Tensor,
                       attention_mask: Tensor, special: Tensor, cfg: CELossConfig,
-                      mask_token_id: int | None = None) -> CELosses:
+                      mask_token_id: int | None = None, reference: tuple[float, float] | None = None) -> CELosses:
     """Clean, SAE-spliced and zero-ablated LM losses of `model` (with its LM head) and the score.
+
+    `reference`: the (clean, zero-ablation) losses of these very sequences, measured before (they do
+    not depend on the SAE): only the SAE-spliced forward runs, a third of the work.
 
     `input_ids`, `attention_mask` (1 = real token) and `special` (True = special token of the
     original ids) are (n_sequences, seq); they are fed `cfg.batch_size` rows at a time to the model's
@@ -196,15 +203,18 @@ def spliced_ce_losses(model: torch.nn.Module, hook: str, sae: SAE, input_ids: Te
     """
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(cfg.seed)
+    runs = ("sae",) if reference is not None else RUNS
     totals, n_tokens = dict.fromkeys(RUNS, 0.0), 0
     for start in range(0, len(input_ids), cfg.batch_size):
         rows = slice(start, start + cfg.batch_size)
         ids, attention, spec = (t[rows].to(device) for t in (input_ids, attention_mask, special))
         batch = _lm_batch(cfg, ids, attention, spec, mask_token_id, generator)
         positions = attention.bool() & ~spec if cfg.exclude_special_tokens else attention.bool()
-        for run, value in _batch_nll_sums(model, hook, sae, batch, attention, positions).items():
+        for run, value in _batch_nll_sums(model, hook, sae, batch, attention, positions, runs).items():
             totals[run] += value
         n_tokens += int(batch.scored.sum())
     means = {run: totals[run] / n_tokens if n_tokens else math.nan for run in RUNS}
+    if reference is not None:
+        means["clean"], means["zero_ablation"] = reference
     score, reason = score_or_reason(means["clean"], means["sae"], means["zero_ablation"], n_tokens, cfg.rtol)
     return CELosses(means["clean"], means["sae"], means["zero_ablation"], score, n_tokens, reason)

@@ -233,6 +233,15 @@ def content_hash(url: str, hook: str, concept: str | None = None) -> str:
     return f"{attrs['model_revision']}/{attrs['content_hash']}"
 
 
+def concept_prompt_set(url: str, hook: str, concept: str) -> str:
+    """The fingerprint of a concept group's prompts (`Concept.prompt_set`; "" when not recorded)."""
+    try:
+        attrs = zarr.open_group(url, path=group_path(hook, concept), mode="r", use_consolidated=False).attrs
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return ""
+    return str(attrs.get("prompt_set", ""))
+
+
 def concept_source(url: str, hook: str, concept: str) -> str:
     """Where a concept group's prompts came from, with its analysed-token count ("" when unknown)."""
     try:

@@ -20,6 +20,7 @@ tokenizer.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -161,6 +162,13 @@ class Concept:
     @property
     def texts(self) -> list[str]:
         return [p.text for p in self.prompts]
+
+    @property
+    def prompt_set(self) -> str:
+        """A model-independent fingerprint of the prompts and their analysed spans: two models analysed
+        the same data for this concept exactly when their fingerprints agree."""
+        digest = hashlib.sha256(json.dumps([(p.text, p.spans) for p in self.prompts]).encode())
+        return f"{digest.hexdigest()[:12]} ({len(self.prompts)} prompts)"
 
 
 def normalise_token(token: str) -> str:

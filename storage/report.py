@@ -315,6 +315,13 @@ def verdict_grid(ds: xr.Dataset) -> pd.DataFrame:
     return frame.pivot(index=["claim", "space"], columns="column", values="verdict").fillna("")
 
 
+def prompt_set_frame(prompt_set: xr.DataArray) -> pd.DataFrame:
+    """Concepts whose prompt-set fingerprint differs between the models that analysed them."""
+    frame = prompt_set.to_pandas().T  # concept × model
+    differs = frame.apply(lambda row: len({v for v in row if v}) > 1, axis=1)
+    return frame[differs]
+
+
 def plot_key_curves(tree: xr.DataTree) -> str:
     """One panel per key metric against layer, a line per model."""
     curves = [(by_layer(tree[g].to_dataset(), v, **sel), title) for g, v, sel, title in KEY_CURVES
@@ -339,6 +346,12 @@ def comparison_section(tree: xr.DataTree) -> str:
         return ""
     parts = ['<section id="across"><h2>Across models and layers</h2>',
              note_html(f"{len(cells)} (model, hook) cells; each model's hooks are drawn against block depth.")]
+    if "stratification" in tree.children and "prompt_set" in tree["stratification"].ds:
+        differing = prompt_set_frame(tree["stratification"].ds["prompt_set"].load())
+        if len(differing):
+            parts += [note_html("These concepts were analysed on different prompts for different models (another "
+                                "prompt file, corpus or --concept-contexts): their comparison across models "
+                                "compares different data."), table_html(differing)]
     if "findings" in tree.children:
         parts += ["<h3>findings side by side</h3>", table_html(verdict_grid(tree["findings"].to_dataset()))]
     parts += ["<h3>key curves</h3>", image_html(plot_key_curves(tree), "key metrics against layer, per model")]

@@ -23,7 +23,7 @@ from storage.sae_checkpoints import load_sae, save_sae
 from tasks.allocator import keep_freed_memory
 from tasks.caching import code_version
 from tasks.progress import StageProgress
-from tasks.sae import cached_sae, ce_loss_values
+from tasks.sae import CE_SEQUENCES, cached_sae, ce_loss_values
 from tasks.threads import pinned_threads
 
 #: SAE architectures the trainer can fine-tune (`saema_core.sae_training`).
@@ -105,13 +105,15 @@ def held_out_outcome(url: str, hook: str, sae, centroids, holdout_fraction: floa
 @task(name="causal-sae", task_run_name="causal {hook} β {beta} seed {seed}", cache_policy=NO_CACHE, retries=1)
 def causal_cell(out: str, model_name: str, hook: str, base_path: str, base_id: str, centroids_path: str,
                 beta: float, seed: int, steps: int, batch_size: int, holdout_fraction: float,
-                ce_model: ModelSpec | None = None, ce_sequences: int = 32, content: str = "",
+                ce_model: ModelSpec | None = None, ce_reference: tuple[float, float] | None = None,
+                ce_sequences: int = CE_SEQUENCES, content: str = "",
                 init: str = "base", dead_tokens: int = 100_000) -> dict:
     """Train an SAE of the base SAE's shape `steps` steps with the separability term at `beta` (batch
     order, and with init "scratch" the initialisation, from `seed`; init "base" fine-tunes the base
     SAE), save it beside the base SAE, and measure it on the held-out corpus tokens.
 
-    `ce_model`: compute `ce_loss_score` through this model's LM head (None: the hook has none).
+    `ce_model`: compute `ce_loss_score` through this model's LM head (None: the hook has none), on
+    `sae_eval`'s held-out sequences, whose clean and zero-ablation losses `ce_reference` brings along.
     `content` fingerprints what the cell reads (part of the cache key, see tasks/caching.py)."""
     keep_freed_memory()
     url = store.activation_store_url(out, model_name)
@@ -138,5 +140,5 @@ def causal_cell(out: str, model_name: str, hook: str, base_path: str, base_id: s
             write_text(join(folder, "training_history.json"), json.dumps(result.history.as_dict()))
         outcome = held_out_outcome(url, hook, sae, centroids, holdout_fraction)
         ce = (ce_loss_values(url, hook, store.corpus_chunks(url, hook, holdout_fraction)[1], sae, ce_model,
-                              ce_sequences) if ce_model is not None else {"ce_loss_score": float("nan")})
+                              ce_sequences, ce_reference) if ce_model is not None else {"ce_loss_score": float("nan")})
     return {"skipped": "", **outcome, "ce_loss_score": float(ce["ce_loss_score"]), "path": folder}

@@ -96,7 +96,7 @@ def extract_concept(cfg: ExtractConfig, concept: Concept) -> ActivationRef:
     plan, batches = concept_batches(lm.tokenizer, concept, cfg.batch_size)
     n_analysed = int(sum(batch.mask.sum() for batch in batches))
     about = {"concept_source": concept.source, "n_analysed": n_analysed,
-             "min_concept_tokens": cfg.min_concept_tokens}
+             "min_concept_tokens": cfg.min_concept_tokens, "prompt_set": concept.prompt_set}
     writers = _writers(cfg, lm, url, plan, concept.name, about)
     todo = _todo(writers, plan.n_batches)
     _stream(lm, writers, batches, todo, f"extract {concept.name} ({plan.n_tokens} tokens)")

@@ -168,8 +168,10 @@ def _ce_loss_nan(reason: str) -> dict[str, float | str]:
 
 
 def ce_loss_values(url: str, hook: str, held_out: list[slice], sae: SAE, spec: ModelSpec,
-                    n_sequences: int) -> dict[str, float | str]:
-    """`ce_loss_score` and its three losses under SAELens names, or NaN and the reason."""
+                    n_sequences: int, reference: tuple[float, float] | None = None) -> dict[str, float | str]:
+    """`ce_loss_score` and its three losses under SAELens names, or NaN and the reason.
+
+    `reference`: the clean and zero-ablation losses of the same sequences (`sae_eval`'s), reused."""
     if not held_out:
         return _ce_loss_nan("no held-out corpus chunks to evaluate on")
     loaded = load_lm_head_model(spec)
@@ -182,6 +184,6 @@ def ce_loss_values(url: str, hook: str, held_out: list[slice], sae: SAE, spec: M
                          f"re-extract")
     ids, analysed = _held_out_sequences(corpus, held_out, n_sequences)
     losses = spliced_ce_losses(lm.model, hook, sae, ids, torch.ones_like(ids), ~analysed,
-                               CELossConfig(kind=lm.kind), lm.tokenizer.mask_token_id)
+                               CELossConfig(kind=lm.kind), lm.tokenizer.mask_token_id, reference)
     values = (losses.score, losses.clean, losses.sae, losses.zero_ablation)
     return {**dict(zip(CE_LOSS_NAMES, values)), "ce_loss_reason": losses.reason}

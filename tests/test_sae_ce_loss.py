@@ -85,10 +85,11 @@ def _random_sae(d: int, seed: int = 0):
     return sae
 
 
-def _losses(lm, sae, hook: str = HOOK, **cfg):
+def _losses(lm, sae, hook: str = HOOK, reference=None, **cfg):
     ids, attention, special = _tokens(lm)
     config = CELossConfig(kind=lm.kind, **cfg)
-    return spliced_ce_losses(lm.model, hook, sae, ids, attention, special, config, lm.tokenizer.mask_token_id)
+    return spliced_ce_losses(lm.model, hook, sae, ids, attention, special, config, lm.tokenizer.mask_token_id,
+                             reference)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -243,3 +244,18 @@ def test_evaluate_sae_without_lm_head_keeps_nan_and_reason(tiny_model_dirs, tmp_
     assert math.isnan(metrics["ce_loss_score"]) and math.isfinite(metrics["explained_variance"])
     reason = sae_eval_dataset(tiny_model_dirs["bert"], [ref], [metrics])["ce_loss_score"].attrs["reason"]
     assert reason.startswith("no LM head in the checkpoint") and HOOK in reason
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_known_clean_and_ablation_losses_are_reused_and_give_the_same_score(lm_dirs, kind):
+    lm = _lm(lm_dirs, kind)
+    sae = _random_sae(lm.model.config.hidden_size, seed=2)
+    full = _losses(lm, sae)
+    calls = []
+    handle = lm.model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        reused = _losses(lm, sae, reference=(full.clean, full.zero_ablation))
+    finally:
+        handle.remove()
+    assert reused == full
+    assert len(calls) == -(-len(TEXTS) // 4)  # one forward per batch (the SAE-spliced one), not three
