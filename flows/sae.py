@@ -91,7 +91,13 @@ def sae_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: tuple[
             encode_concept(out, model_name, concept, ref)
     evaluate = cached(evaluate_sae, out, refresh)
     corpus = {hook: content_hash(activation_store_url(out, model_name), hook) for hook in hooks}
-    metrics = [evaluate(out, model_name, ref, cfg.holdout_fraction, model, content=corpus[ref.hook]) for ref in refs]
+    metrics, references = [], {}
+    for ref in refs:  # the SAE first: the dense control reuses its clean and zero-ablation losses
+        values = evaluate(out, model_name, ref, cfg.holdout_fraction, model, content=corpus[ref.hook],
+                          ce_reference=references.get(ref.hook))
+        if np.isfinite(values["ce_loss_score"]):
+            references.setdefault(ref.hook, (values["ce_loss_without_sae"], values["ce_loss_with_ablation"]))
+        metrics.append(values)
     evaluation = sae_eval_dataset(model_name, refs, metrics).assign(model_provenance(model))
     write_group(out, "sae_eval", evaluation)
     publish_table(f"sae-eval-{model_name}", evaluation.drop_vars(["sae_id"]).to_dataframe(),

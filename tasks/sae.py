@@ -125,11 +125,12 @@ def encode_concept(out: str, model_name: str, concept: str, ref: SAERef) -> str:
 @task(name="evaluate-sae", task_run_name="evaluate {model_name} {ref.kind} {ref.hook}", cache_policy=NO_CACHE)
 def evaluate_sae(out: str, model_name: str, ref: SAERef, holdout_fraction: float,
                  model: ModelSpec | None = None, ce_sequences: int = CE_SEQUENCES,
-                 content: str = "") -> dict[str, float | str]:
+                 content: str = "", ce_reference: tuple[float, float] | None = None) -> dict[str, float | str]:
     """SAELens-named reconstruction metrics on the held-out corpus chunks, and the spliced-in CE loss
     on up to `ce_sequences` held-out sequences (NaN with `ce_loss_reason` when it cannot be computed).
 
-    `content` fingerprints the corpus activations read (part of the cache key, see tasks/caching.py)."""
+    `content` fingerprints the corpus activations read (part of the cache key, see tasks/caching.py);
+    `ce_reference` is the (clean, zero-ablation) loss pair of the same sequences when already known."""
     url = store.activation_store_url(out, model_name)
     sae = load_sae(ref.path)
     _, held_out = store.corpus_chunks(url, ref.hook, holdout_fraction)
@@ -143,7 +144,7 @@ def evaluate_sae(out: str, model_name: str, ref: SAERef, holdout_fraction: float
     values = {name: float(getattr(result, name)) for name in
               ("mse", "explained_variance", "cossim", "l0", "l1", "dead_fraction", "dense_fraction", "n_tokens")}
     spec = model or ModelSpec(name=model_name)
-    return {**values, **ce_loss_values(url, ref.hook, held_out, sae, spec, ce_sequences)}
+    return {**values, **ce_loss_values(url, ref.hook, held_out, sae, spec, ce_sequences, ce_reference)}
 
 
 def _held_out_sequences(corpus, held_out: list[slice], n: int) -> tuple[torch.Tensor, torch.Tensor]:
