@@ -68,9 +68,11 @@ def assembled_gguf(work: Path) -> tuple[Path, str]:
     target = work / package.MODEL_NAME
     try:
         package.assemble(target, overwrite=True)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except FileNotFoundError as error:  # a chunk package is missing
         raise GemmaUnavailable(f"cannot assemble {target} from the package {package.__name__}: {error}; "
                                f"reinstall it ({INSTALL_HINT})") from error
+    except ValueError:  # the package's own sha256 check; the message below names both hashes
+        pass
     digest = sha256_of(target)
     if digest != package.EXPECTED_SHA256:
         raise GemmaUnavailable(f"{target} has sha256 {digest}, not the published {package.EXPECTED_SHA256}: "

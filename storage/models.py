@@ -152,7 +152,9 @@ def _from_pretrained(loader, source: str, spec: ModelSpec, **kwargs):
         )
     except (OSError, ValueError, KeyError) as error:
         where = "local folder" if os.path.isdir(source) else "hub name (no model hub is reachable offline)"
-        raise ModelLoadError(f"cannot load model {spec.name!r} from {where} {source}: {error}") from error
+        hint = (f"; the converted folder is damaged: remove {source} and saema converts it again"
+                if Path(source) == gemma.converted_folder() else "")
+        raise ModelLoadError(f"cannot load model {spec.name!r} from {where} {source}: {error}{hint}") from error
 
 
 def _prepare_tokenizer(tokenizer) -> None:

@@ -173,9 +173,10 @@ RUNS_ATTR = "saema_runs_in_progress"
 
 def _covers(done: dict, other: dict) -> bool:
     """A finished run `done` re-did everything `other` set out to do, and `other` is no longer running."""
-    return (done["model"] == other.get("model") and done["concepts"] == other.get("concepts")
-            and set(other.get("hooks", [])) <= set(done["hooks"]) and set(other.get("stages", [])) <= set(done["stages"])
-            and _stale(f"pid {other.get('pid')} on {other.get('host')}"))
+    same_cells = done["model"] == other.get("model") and done["concepts"] == other.get("concepts")
+    covered = (set(other.get("hooks", [])) <= set(done["hooks"])
+               and set(other.get("stages", [])) <= set(done["stages"]))
+    return same_cells and covered and _stale(f"pid {other.get('pid')} on {other.get('host')}")
 
 
 def _set_run(url: str, run_id: str, record: dict, state: str = "started") -> None:
@@ -204,7 +205,8 @@ def recorded_run(out: str, record: dict) -> Iterator[None]:
     """
     url = results_url(out)
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    record = {**record, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "pid": os.getpid(), "host": os.uname().nodename}
+    record = {**record, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "pid": os.getpid(),
+              "host": os.uname().nodename}
     before = _group_stamps(url)
     _set_run(url, run_id, record)
     try:
@@ -239,10 +241,11 @@ def runs_in_progress(out: str) -> dict[str, dict]:
 def incomplete_warning(out: str) -> str:
     """One line per unfinished run, for `saema query` and the report; "" when there is none."""
     return "\n".join(
-        f"run started {run['started']} (pid {run['pid']} on {run['host']}) has not finished (it failed, or is still running): it extends "
-        f"{run.get('model', '?')} × {', '.join(run.get('hooks', []))} × {', '.join(run.get('concepts', []))} "
-        f"through stages {', '.join(run.get('stages', []))}; groups may cover different cells until the same "
-        f"command is re-run to completion" for run in runs_in_progress(out).values())
+        f"run started {run['started']} (pid {run['pid']} on {run['host']}) has not finished (it failed, or "
+        f"is still running): it extends {run.get('model', '?')} × {', '.join(run.get('hooks', []))} × "
+        f"{', '.join(run.get('concepts', []))} through stages {', '.join(run.get('stages', []))}; groups may "
+        f"cover different cells until the same command is re-run to completion"
+        for run in runs_in_progress(out).values())
 
 
 def open_results(out: str) -> xr.DataTree:

