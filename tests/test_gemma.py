@@ -137,7 +137,11 @@ def test_a_damaged_converted_folder_says_how_to_convert_again(monkeypatch, tmp_p
     folder.mkdir(parents=True)
     (folder / gemma.PROVENANCE_FILE).write_text("{}")
     (folder / "config.json").write_text("{ truncated")
-    with pytest.raises(ModelLoadError, match=f"remove {folder} and saema converts it again"):
-        from storage.models import load_model
+    from storage.models import load_model
 
-        load_model(ModelSpec(name="gemma-3-270m"))
+    load_model.cache_clear()  # an earlier test may have loaded the real converted model in this process
+    try:
+        with pytest.raises(ModelLoadError, match=f"remove {folder} and saema converts it again"):
+            load_model(ModelSpec(name="gemma-3-270m"))
+    finally:
+        load_model.cache_clear()
