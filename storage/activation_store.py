@@ -28,6 +28,7 @@ import xarray as xr
 import zarr
 from zarr.core.sync import sync
 
+from saema_core.errors import SaemaError
 from storage.batches import BatchPlan, TokenBatch
 from storage.chunk_files import ChunkFile
 from storage.locations import canonical, is_local, local_path
@@ -35,7 +36,7 @@ from storage.locations import canonical, is_local, local_path
 _IDENTITY_KEYS = ("model", "model_revision", "d_model", "n_layers")
 
 
-class StoreError(ValueError):
+class StoreError(SaemaError):
     """A store that cannot be written or would be corrupted by mixing; the message says why."""
 
 
@@ -146,7 +147,10 @@ class GroupWriter:
         self.files = {name: f for name, a in self.arrays.items() if (f := ChunkFile.for_array(a)) is not None}
 
     def done(self) -> set[int]:
-        return set(np.flatnonzero(sync(self.arrays["batch_done"].getitem(slice(None)))).tolist())
+        """The batches written in full: flagged done, with every chunk still in the store (a chunk
+        deleted or lost since makes its batch pending again, and only that batch is re-extracted)."""
+        flagged = set(np.flatnonzero(sync(self.arrays["batch_done"].getitem(slice(None)))).tolist())
+        return flagged - lost_batches(self.group, flagged)
 
     def write_files(self, index: int, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Write the values that have a chunk file now; return the rest (for Zarr)."""
@@ -214,13 +218,31 @@ def _delete_group(url: str, root: zarr.Group, path: str) -> None:
         del root[path]
 
 
+def lost_batches(group: zarr.Group, flagged: set[int]) -> set[int]:
+    """The batches among `flagged` (flagged done) whose chunk of any always-written array is gone.
+
+    Every batch writes one chunk of `resid` and of each numeric coordinate (write_empty_chunks), so
+    a missing chunk file is data lost after the flag was set — not a fill value."""
+    async def chunk_indices(name: str) -> set[int]:
+        prefix = f"{group.path}/{name}/c/".lstrip("/")
+        return {int(key[len(prefix):].split("/")[0]) async for key in group.store.list_prefix(prefix)}
+
+    async def present() -> list[set[int]]:
+        return await asyncio.gather(*(chunk_indices(name) for name in ("resid", *_NUMERIC_COORDS)))
+
+    if not flagged:
+        return set()
+    return set.union(*(flagged - indices for indices in sync(present())))
+
+
 def group_complete(url: str, path: str) -> bool:
-    """True when the group exists and every batch flag is set."""
+    """True when the group exists, every batch flag is set and no flagged batch lost a chunk."""
     try:
         group = zarr.open_group(url, path=path, mode="r", use_consolidated=False)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         return False
-    return bool(np.all(group["batch_done"][:]))
+    flags = group["batch_done"][:]
+    return bool(np.all(flags)) and not lost_batches(group, set(range(len(flags))))
 
 
 def content_hash(url: str, hook: str, concept: str | None = None) -> str:

@@ -69,11 +69,48 @@ def _in_new(new: xr.Dataset, merged: xr.Dataset, dims: tuple[str, ...]) -> xr.Da
     return functools.reduce(lambda a, b: a & b, masks, xr.DataArray(True))
 
 
+CELL_DIMS = ("model", "hook", "concept")
+"""The dimensions a run's parameters can differ along (one run: one model, its hooks and concepts)."""
+DESCRIPTIVE_ATTRS = frozenset({"design", "verdict_rule", "description", "long_name", "units"})
+"""Group attributes that describe the method (code text), not a run's parameters."""
+
+
+def differing_parameters(new: xr.Dataset, old: xr.Dataset | None) -> dict[str, tuple[str, str]]:
+    """Run parameters (group attributes) whose value in `new` differs from the stored group's:
+    {name: (stored, new)}."""
+    if old is None:
+        return {}
+    keys = (set(old.attrs) | set(new.attrs)) - DESCRIPTIVE_ATTRS
+    return {key: (str(old.attrs.get(key, "")), str(new.attrs.get(key, ""))) for key in sorted(keys)
+            if str(old.attrs.get(key, "")) != str(new.attrs.get(key, ""))}
+
+
+def parameters_per_cell(new: xr.Dataset, old: xr.Dataset) -> tuple[xr.Dataset, xr.Dataset]:
+    """Each differing run parameter becomes a string variable `param_<name>` over the cell dims, so
+    that every cell keeps the value it was computed with (a group attribute can hold only one); the
+    attribute then points to the variable."""
+    for key, (stored, value) in differing_parameters(new, old).items():
+        name, dims = f"param_{key}", [d for d in CELL_DIMS if d in new.dims]
+        pointer = f"differs between cells: see the variable {name}"
+        if value == pointer:  # `new` already carries the variable (it came from such a group)
+            continue
+        new = new.assign({name: (dims, np.full([new.sizes[d] for d in dims], value, dtype=object))})
+        if name not in old:
+            old_dims = [d for d in CELL_DIMS if d in old.dims]
+            old = old.assign({name: (old_dims, np.full([old.sizes[d] for d in old_dims], stored, dtype=object))})
+        for ds in (new, old):
+            ds[name].attrs = {"description": f"the run parameter {key} each cell was computed with"}
+            ds.attrs[key] = pointer
+    return new, old
+
+
 def merge_cells(new: xr.Dataset, old: xr.Dataset | None) -> xr.Dataset:
-    """`old` extended by `new` (module doc): the union of coordinates, new cells win, dtypes kept."""
+    """`old` extended by `new` (module doc): the union of coordinates, new cells win, dtypes kept;
+    run parameters that differ are kept per cell (`parameters_per_cell`)."""
     if old is None:
         return new
     old = old.load()
+    new, old = parameters_per_cell(new, old)
     dtypes = {name: ds.variables[name].dtype for ds in (old, new) for name in _data_names(ds)}
     new_w, old_w = xr.align(_widened_all(new), _widened_all(old), join="outer", fill_value=np.nan)
     merged = xr.Dataset(coords={name: new_w[name] for name in new_w.indexes})

@@ -183,3 +183,22 @@ def test_embedded_minilm_end_to_end(tmp_path):
     analysed = set(ds.token_str.values[ds["mask"].values])
     assert {"mars", "jupiter", "saturn"} <= analysed
     assert torch.get_num_threads() >= 1
+
+
+def test_a_lost_chunk_makes_only_its_batch_pending(tmp_path):
+    """A batch whose flag is set but whose chunk file is gone is not complete (it is re-extracted)."""
+    import zarr
+
+    url = str(tmp_path / "store.zarr")
+    group = zarr.open_group(url, mode="w").create_group("g")
+    for name in ("resid", "prompt_id", "position", "token_id", "mask"):
+        shape, chunks = ((6, 2), (2, 2)) if name == "resid" else ((6,), (2,))
+        array = group.create_array(name, shape=shape, chunks=chunks, dtype="f4", fill_value=0,
+                                   config={"write_empty_chunks": True})
+        array[:] = 1.0
+    flags = group.create_array("batch_done", shape=(3,), chunks=(1,), dtype=bool, fill_value=False)
+    flags[:] = True
+    assert store.group_complete(url, "g")
+    (tmp_path / "store.zarr" / "g" / "resid" / "c" / "1" / "0").unlink()
+    assert store.lost_batches(zarr.open_group(url, path="g"), {0, 1, 2}) == {1}
+    assert not store.group_complete(url, "g")
