@@ -350,3 +350,7 @@ class PipelineConfig:
         if address and out.startswith("memory://"):
             raise ValueError(f"--out {out} lives in this process's memory, which the Dask workers of {address} "
                              f"cannot see; write to a folder or an object store, or drop --dask-address")
+        unused = [hook for hook, _ in self.sae.checkpoints if hook not in self.extract.hooks]
+        if unused:
+            raise ValueError(f"--sae names hooks that are not analysed: {', '.join(unused)}; analysed hooks: "
+                             f"{' '.join(self.extract.hooks)} (add them to --hooks)")

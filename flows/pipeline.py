@@ -14,6 +14,7 @@ from flows.dask_runner import cluster_per_run
 from flows.extract import extract_flow
 from flows.findings import findings_flow
 from flows.intervention import intervention_flow
+from flows.preflight import preflight
 from flows.sae import sae_flow
 from flows.stratify import stratify_flow
 from flows.structure import structure_flow
@@ -31,6 +32,7 @@ def saema_pipeline(cfg: PipelineConfig = PipelineConfig(), stages: tuple[str, ..
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)}; stages are {STAGES}")
+    preflight(cfg, stages)  # again for deployment runs, which do not pass the CLI
     ex = cfg.extract
     record = {"model": ex.model.label, "hooks": list(ex.hooks), "stages": list(stages),
               "concepts": list(ex.concepts) or [ex.prompt_file or "default concepts"]}

@@ -105,8 +105,10 @@ def extract_config(args: argparse.Namespace, model_name: str | None = None) -> E
 def cmd_extract(args: argparse.Namespace) -> None:
     from flows.backend import prefect_backend
     from flows.extract import extract_flow
+    from flows.preflight import preflight_extract
 
-    cfg = extract_config(args)  # bad options fail before a Prefect server starts
+    cfg = extract_config(args)
+    preflight_extract(cfg)  # bad options, prompts and stores fail before a Prefect server starts
     with prefect_backend():
         extract_flow(cfg)
 
@@ -253,9 +255,12 @@ def pipeline_command(*stages: str) -> Callable[[argparse.Namespace], None]:
     def command(args: argparse.Namespace) -> None:
         from flows.backend import prefect_backend
         from flows.pipeline import STAGES, saema_models, saema_pipeline
+        from flows.preflight import preflight
 
-        # Bad options fail here, before a Prefect server starts.
+        # Bad options, prompts and stores fail here, before a Prefect server starts.
         configs = [pipeline_config(args, name) for name in dict.fromkeys(args.model)]
+        for cfg in configs:
+            preflight(cfg, stages or STAGES)
         with prefect_backend():
             if len(configs) == 1:
                 saema_pipeline(configs[0], stages=stages or STAGES)
@@ -333,6 +338,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"saema {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        from saema_core.errors import ENVIRONMENT_ERRNOS, describe_os_error
+
+        if error.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        print(f"saema {args.command}: error: {describe_os_error(error)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

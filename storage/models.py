@@ -24,6 +24,7 @@ import torch
 import transformers
 from transformers.models.auto import modeling_auto
 
+from saema_core.errors import SaemaError
 from storage import gemma
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
@@ -31,7 +32,7 @@ _EMBEDDED_ALIASES = {DEFAULT_MODEL.lower(), "sentence-transformers/all-minilm-l6
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(SaemaError):
     """A model or tokenizer that cannot be loaded; the message says which and why."""
 
 
@@ -76,6 +77,8 @@ class LoadedModel:
     architecture: str
     n_layers: int
     d_model: int
+    max_positions: int | None = None
+    """Longest sequence the model takes (its position embeddings); None when it has no such limit."""
 
     @property
     def model(self) -> torch.nn.Module:
@@ -192,6 +195,7 @@ def load_model(spec: ModelSpec = ModelSpec()) -> LoadedModel:
         architecture=architecture,
         n_layers=int(config.num_hidden_layers),
         d_model=int(config.hidden_size),
+        max_positions=getattr(config, "max_position_embeddings", None),
     )
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import yaml
 
+from saema_core.errors import SaemaError
+
 Span = tuple[int, int]
 
 # Subjects shared by every concept; each template prompt is "<subject> <predicate>."
@@ -137,7 +139,7 @@ COMMON_FILLERS = frozenset(
 _WORD = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]")
 
 
-class PromptError(ValueError):
+class PromptError(SaemaError):
     """An empty, malformed or unusable prompt set; the message names the file and concept."""
 
 
@@ -269,6 +271,9 @@ def load_prompt_file(path: str | Path) -> list[tuple[Concept, list[str]]]:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise PromptError(f"cannot read prompt file {path}: {error}") from error
+    except UnicodeDecodeError as error:
+        raise PromptError(f"prompt file {path} is not UTF-8 text (byte {error.object[error.start]:#04x} at "
+                          f"offset {error.start}); save it as UTF-8") from None
     if not text.strip():
         raise PromptError(f"prompt file {path} is empty")
     try:
@@ -277,7 +282,21 @@ def load_prompt_file(path: str | Path) -> list[tuple[Concept, list[str]]]:
         raise PromptError(f"prompt file {path} is not valid {path.suffix.lstrip('.') or 'YAML'}: {error}") from error
     if not isinstance(data, dict) or not data:
         raise PromptError(f"prompt file {path} is empty or not a mapping of concept -> prompts")
+    for name in data:
+        check_concept_name(name, str(path))
     return [_concept_from_entry(name, entry, str(path)) for name, entry in data.items()]
+
+
+_NAME_PATTERN = re.compile(r"[^\W_][\w .+-]*", re.UNICODE)
+
+
+def check_concept_name(name: object, source: str) -> None:
+    """A concept name becomes a store group, a coordinate value and part of plot file names: letters,
+    digits, spaces and `_ . + -`, starting with a letter or digit (no `/`, no leading dot)."""
+    if not isinstance(name, str) or not _NAME_PATTERN.fullmatch(name) or len(name) > 100:
+        raise PromptError(f"{source}: concept name {name!r} is not allowed: use letters, digits, spaces and "
+                          f"_ . + - (starting with a letter or digit, at most 100 characters); it names a "
+                          f"store group and plot files")
 
 
 def token_is_analysed(offset: Span, spans: tuple[Span, ...]) -> bool:

@@ -17,10 +17,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
+from saema_core.errors import SaemaError
 from saema_core.sae import SAEConfig, sae_class
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SaemaError):
     """A checkpoint folder or file that cannot be read as an SAE; the message names the file."""
 
 
