@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 import xarray as xr
 
@@ -43,13 +44,25 @@ def _as_list(value: str | Sequence[str]) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def _check_values(ds: xr.Dataset, group: str, dim: str, wanted: list[str]) -> None:
-    """Raise naming what the group holds when a requested label is not there."""
-    stored = [str(v) for v in ds[dim].values]
-    missing = [v for v in wanted if v not in stored]
+def _stored_labels(ds: xr.Dataset, group: str, dim: str, wanted: list) -> list:
+    """The stored labels asked for (`"0.1"` finds the noise level 0.1); raise naming what the group
+    holds when one is not there."""
+    values = list(ds[dim].values)
+    found, missing = [], []
+    for label in wanted:
+        match = [v for v in values if str(v) == str(label) or _same_number(v, label)]
+        (found.append(match[0]) if match else missing.append(label))
     if missing:
         names = ", ".join(repr(v) for v in missing)
-        raise ResultsError(f"{dim} {names} not in {group}; it has: {', '.join(stored)}")
+        raise ResultsError(f"{dim} {names} not in {group}; it has: {', '.join(map(str, values))}")
+    return found
+
+
+def _same_number(stored, label) -> bool:
+    try:
+        return isinstance(stored, (int, float, np.number)) and float(stored) == float(label)
+    except (TypeError, ValueError):
+        return False
 
 
 def select(ds: xr.Dataset, group: str, filters: dict[str, Selector]) -> xr.Dataset:
@@ -57,8 +70,8 @@ def select(ds: xr.Dataset, group: str, filters: dict[str, Selector]) -> xr.Datas
     for dim, value in filters.items():
         if value is None or dim not in ds.dims:
             continue
-        _check_values(ds, group, dim, _as_list(value))
-        ds = ds.sel({dim: value})
+        labels = _stored_labels(ds, group, dim, _as_list(value))
+        ds = ds.sel({dim: labels[0] if isinstance(value, str) else labels})
     return ds
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 import xarray as xr
 
 from flows.config import DEFAULT_OUT
-from saema.api import by_layer, query, to_frame
+from saema.api import by_layer, query, select, to_frame
 from storage.results import GROUPS, incomplete_warning
 
 FORMATS = ("table", "csv", "json")
@@ -43,7 +43,8 @@ def add_query_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compare across models and layers: the one --var against block depth, a column "
                              "per model (other dims fixed with --sel or averaged)")
     parser.add_argument("--sel", nargs="+", default=[], metavar="DIM=VALUE",
-                        help="fix a dimension for --by-layer, e.g. sae=sae space=latent")
+                        help="keep one label of any dimension, e.g. space=latent noise=0.1 (with --by-layer: "
+                             "fix the dimensions not compared, e.g. sae=sae)")
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default: %(default)s)")
     parser.add_argument("--limit", type=_positive_int, default=None,
                         help=f"print at most N rows (default: {TABLE_ROWS} for table, all for csv/json)")
@@ -107,6 +108,8 @@ def run_query(args: argparse.Namespace) -> int:
     result = query(args.out, args.group, model=args.model, hook=args.hook, concept=args.concept)
     if args.by_layer:
         return _print_by_layer(result, args)
+    if args.sel:
+        result = _select_labels(result, args.group, _labels(args.sel))
     for line in incomplete_warning(args.out).splitlines():
         print(f"saema query: warning: {line}", file=sys.stderr)
     if isinstance(result, dict):
@@ -122,6 +125,18 @@ def _labels(items: list[str]) -> dict[str, str]:
     if bad:
         raise ValueError(f"--sel expects DIM=VALUE, got {' '.join(bad)}")
     return {key: value for key, _, value in pairs}
+
+
+def _select_labels(result, group: str | None, labels: dict[str, str]):
+    """--sel DIM=VALUE on any dimension of the group (every group that has it, without --group)."""
+    groups = {group: result} if group else result
+    known = {str(dim) for ds in groups.values() for dim in ds.dims}
+    unknown = sorted(set(labels) - known)
+    if unknown:
+        raise ValueError(f"--sel: no dimension {', '.join(unknown)} in {group or 'any group'}; "
+                         f"dimensions: {', '.join(sorted(known))}")
+    selected = {name: select(ds, name, labels) for name, ds in groups.items()}
+    return selected[group] if group else selected
 
 
 def _print_by_layer(ds: xr.Dataset, args: argparse.Namespace) -> int:
