@@ -46,7 +46,8 @@ def preflight_extract(ex: ExtractConfig) -> LoadedModel:
                          f"({lm.max_positions} positions)")
     check_corpus(ex.corpus)
     for concept in check_concepts(ex.concepts, ex.concept_source):
-        check_prompts_fit(concept, lm, ex.batch_size)
+        if concept.prompts:  # a concept of items only gets corpus contexts, checked when drawn
+            check_prompts_fit(concept, lm, ex.batch_size)
     return lm
 
 
