@@ -124,7 +124,8 @@ def stratification_dataset(model: str, cells, results, cfg: StratifyConfig, hook
                                   "mode": list(MODES), "estimator": list(ESTIMATORS)})
     for name, (description, units) in {**_ATTRS, **{k: v[:2] for k, v in _VERDICT_VARS.items()}}.items():
         ds[name].attrs = {"long_name": name, "description": description, "units": units}
-    ds.attrs = {"noise_scale": cfg.noise_scale, "base_seed": cfg.seed,
+    ds.attrs = {"noise_scale": cfg.noise_scale, "base_seed": cfg.seed, "replicates": cfg.replicates,
+                "verdict_noise_levels": " ".join(map(str, cfg.noise_levels)),
                 "verdict_rule": inspect.cleandoc(stratification_verdict.__doc__)}
     return ds
 

@@ -76,13 +76,14 @@ DESCRIPTIVE_ATTRS = frozenset({"design", "verdict_rule", "description", "long_na
 
 
 def differing_parameters(new: xr.Dataset, old: xr.Dataset | None) -> dict[str, tuple[str, str]]:
-    """Run parameters (group attributes) whose value in `new` differs from the stored group's:
-    {name: (stored, new)}."""
+    """Run parameters (group attributes of both) whose value in `new` differs from the stored group's:
+    {name: (stored, new)}. A parameter only one of them records (a group written by an older saema)
+    is not compared."""
     if old is None:
         return {}
-    keys = (set(old.attrs) | set(new.attrs)) - DESCRIPTIVE_ATTRS
-    return {key: (str(old.attrs.get(key, "")), str(new.attrs.get(key, ""))) for key in sorted(keys)
-            if str(old.attrs.get(key, "")) != str(new.attrs.get(key, ""))}
+    keys = (set(old.attrs) & set(new.attrs)) - DESCRIPTIVE_ATTRS
+    return {key: (str(old.attrs[key]), str(new.attrs[key])) for key in sorted(keys)
+            if str(old.attrs[key]) != str(new.attrs[key])}
 
 
 def parameters_per_cell(new: xr.Dataset, old: xr.Dataset) -> tuple[xr.Dataset, xr.Dataset]:
