@@ -170,10 +170,21 @@ class Row:
     fault: Callable | None = None
     store: str = "same"  # as the fault left it — same: byte for byte; kept: those files unchanged, new ones
     # allowed (a resumable partial write, cache entries of finished work); repaired: byte for byte as
-    # before the fault
+    # before the fault; changed: the command rewrites results (its `after` says how)
     base: bool = True  # append the arguments that reproduce the built store
     after: Callable | None = None  # extra check: (out, stdout+stderr) -> None
     extra: list[str] = field(default_factory=list)
+
+
+def _seeds_per_concept(out, before, output):
+    from storage.results import read_group
+
+    ds = read_group(str(out), "stratification").load()
+    seeds = ds["param_base_seed"].squeeze().to_series().to_dict()
+    assert seeds == {"days": "3", "planets": "0"}, seeds
+    assert ds.attrs["base_seed"].startswith("differs between cells")
+    assert set(ds.noise.values) == {0.0, 0.1, 1.0, 0.5}  # extended along the new level
+    assert "now computed with base_seed=3" in output
 
 
 def _restored(relative: str) -> Callable:
@@ -212,6 +223,10 @@ ROWS = [
         2, "being written by pid 1 on", lock_file(json.dumps({"pid": 1, "host": os.uname().nodename,
                                                                "since": "2026-12-01 00:00:00"})), store="kept"),
     Row("read-only store, fully cached stage", ["train-sae"], 0, "", read_only_lock),
+    # -- other parameters for some cells ---------------------------------------------------------------
+    Row("one concept re-run with another seed", ["stratify", "--concepts", "days", "--noise-seed", "3",
+                                                 "--noise-levels", "0", "0.5"], 0, store="changed",
+        after=_seeds_per_concept),
     # -- disk full -----------------------------------------------------------------------------------
     Row("disk full during the results swap", ["stratify", "--noise-levels", "0", "1", "--replicates", "1"], 1,
         "no space left on device", refuse_writes(".new-stratification"), store="kept"),
@@ -286,7 +301,7 @@ ROWS = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize("row", ROWS, ids=[row.name for row in ROWS])
-def test_bad_input(row: Row, built, tmp_path, monkeypatch, capsys):
+def test_bad_input(row: Row, built, tmp_path, monkeypatch, capsys, caplog):
     pristine, out, model, corpus = built
     files = tmp_path / "files"
     shutil.rmtree(out)
@@ -303,7 +318,7 @@ def test_bad_input(row: Row, built, tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     code = main(full)
     output = capsys.readouterr()
-    text = output.out + output.err
+    text = output.out + output.err + caplog.text  # saema's warnings go through logging
     assert code == row.code, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
     if row.message:
@@ -313,7 +328,7 @@ def test_bad_input(row: Row, built, tmp_path, monkeypatch, capsys):
     after = snapshot(out)
     if row.store == "kept":
         assert {path: after.get(path) for path in before} == before, _difference(before, after)
-    else:
+    elif row.store != "changed":
         assert after == before, _difference(before, after)
     assert not [path for path in set(after) - set(before) if ".new-" in path or path.endswith(".lock")]
     if row.after:
