@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -193,6 +194,20 @@ def _restored(relative: str) -> Callable:
     return check
 
 
+def _only_its_batch(relative: str) -> Callable:
+    """The lost chunk is back, and only its batch was re-extracted: every other chunk file (the other
+    batches, the other concept, the corpus) keeps the modification time of the pristine copy."""
+    def check(out, before, output):
+        pristine = out.parent / "pristine"
+        rewritten = [str(path.relative_to(out)) for path in (out / "activations").rglob("*")
+                     if path.is_file() and "/c/" in str(path) and str(path.relative_to(out)) != relative
+                     and path.stat().st_mtime_ns != (pristine / path.relative_to(out)).stat().st_mtime_ns]
+        assert (out / relative).exists()
+        batch_1 = re.compile(rf"{re.escape(CONCEPT_GROUP)}/\w+/c/1(/0)?$")
+        assert all(batch_1.match(path) for path in rewritten), rewritten[:5]
+    return check
+
+
 ROWS = [
     # -- the stores --------------------------------------------------------------------------------
     Row("results root metadata truncated", ["stratify", "--noise-levels", "0", "1", "--replicates", "1"], 2,
@@ -212,7 +227,7 @@ ROWS = [
     Row("interrupted swap, then query of another group", ["query", "--out", "{out}", "--group", "strata"], 0, "",
         interrupted_swap("stratification"), base=False, store="repaired", after=_restored("results.zarr/stratification/zarr.json")),
     Row("deleted activation chunk is re-extracted", ["extract"], 0, "", delete_chunk(f"{CONCEPT_GROUP}/resid/c/1/0"),
-        store="repaired", after=_restored(f"{CONCEPT_GROUP}/resid/c/1/0")),
+        store="repaired", after=_only_its_batch(f"{CONCEPT_GROUP}/resid/c/1/0")),
     Row("deleted coordinate chunk is re-extracted", ["extract"], 0, "",
         delete_chunk(f"{CONCEPT_GROUP}/token_id/c/0"), store="repaired", after=_restored(f"{CONCEPT_GROUP}/token_id/c/0")),
     # -- locks -------------------------------------------------------------------------------------
