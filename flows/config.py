@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 from storage.corpus import DEFAULT_CORPUS
-from storage.models import ModelSpec
+from storage.model_spec import ModelSpec
 
 DEFAULT_HOOKS: tuple[str, ...] = ("blocks.3.hook_resid_post",)
 MODEL_DEFAULT_HOOKS: dict[str, tuple[str, ...]] = {
@@ -32,7 +32,7 @@ def shared_concept_contexts(model_names) -> int:
     """Contexts per concept for a run over several models: the smallest of their defaults, one cap for
     all, so that every model analyses the same corpus contexts and cross-model comparisons compare
     like with like."""
-    from storage.models import model_label
+    from storage.model_spec import model_label
 
     return min(default_budget(model_label(name))["concept_contexts"] for name in model_names)
 

@@ -24,7 +24,7 @@ from flows.config import (
 )
 from saema.query_cli import add_query_arguments, add_report_arguments
 from storage.corpus import DEFAULT_CORPUS
-from storage.models import DEFAULT_MODEL, ModelSpec
+from storage.model_spec import DEFAULT_MODEL, ModelSpec
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -115,7 +115,7 @@ def cmd_extract(args: argparse.Namespace) -> None:
 
 def _add_sae_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("SAE")
-    defaults = SAEStageConfig()
+    defaults = SAEStageConfig  # the class: its field defaults, without validating (no heavy imports)
     group.add_argument("--arch", default=defaults.architecture, choices=["topk", "standard"],
                        help="SAE to train (default: %(default)s)")
     group.add_argument("--expansion", type=int, default=defaults.expansion,
@@ -144,7 +144,7 @@ def sae_config(args: argparse.Namespace) -> SAEStageConfig:
 
 def _add_stratify_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("stratification (SAEMA)")
-    defaults = StratifyConfig()
+    defaults = StratifyConfig  # the class: its field defaults, without validating (no heavy imports)
     group.add_argument("--noise-levels", type=float, nargs="+", default=list(defaults.noise_levels),
                        help="noise levels σ (default: the paper's %(default)s)")
     group.add_argument("--replicates", type=int, default=defaults.replicates,
@@ -166,7 +166,7 @@ def stratify_config(args: argparse.Namespace) -> StratifyConfig:
 
 def _add_structure_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("structure (local and global representations)")
-    defaults = StructureStageConfig()
+    defaults = StructureStageConfig  # the class: its field defaults, without validating (no heavy imports)
     group.add_argument("--umap-seeds", type=int, nargs="+", default=list(defaults.seeds),
                        help="UMAP seeds; the spread over them is reported (default: %(default)s)")
     group.add_argument("--min-cluster-size", type=int, default=defaults.min_cluster_size,
@@ -184,7 +184,7 @@ def structure_config(args: argparse.Namespace) -> StructureStageConfig:
 
 def _add_intervention_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("intervention (separability → reconstruction)")
-    defaults = InterventionStageConfig()
+    defaults = InterventionStageConfig  # the class: its field defaults, without validating (no heavy imports)
     group.add_argument("--objectives", nargs="+", default=list(defaults.objectives), choices=["aedp", "gw", "paper"],
                        help="aedp / gw: Adam moves of that separability; paper: the released code's random "
                             "search, the paper-literal baseline (default: %(default)s)")
@@ -214,7 +214,7 @@ def intervention_config(args: argparse.Namespace) -> InterventionStageConfig:
 
 def _add_causal_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("causal test (SAEs fine-tuned to be more or less separable)")
-    defaults = CausalStageConfig()
+    defaults = CausalStageConfig  # the class: its field defaults, without validating (no heavy imports)
     group.add_argument("--causal-betas", type=float, nargs="+", default=list(defaults.betas),
                        help="weights β of the separability term, with 0 and both signs (default: %(default)s)")
     group.add_argument("--causal-seeds", type=int, nargs="+", default=list(defaults.seeds),

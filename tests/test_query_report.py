@@ -281,3 +281,14 @@ def test_a_metric_against_layer_per_model_in_the_api_the_cli_and_the_report(tmp_
         run_query(_parse(["--out", out, "--group", "sae_eval", "--by-layer"]))
     page = render_report(out)
     assert 'id="across"' in page and "key metrics against layer, per model" in page
+
+
+def test_help_imports_nothing_heavy():
+    """`saema --help` and argument errors answer at once: no torch, transformers, xarray or Zarr."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from saema.cli import build_parser; build_parser(); "
+            "heavy = [m for m in ('torch', 'transformers', 'xarray', 'zarr', 'pandas', 'prefect') if m in sys.modules]; "
+            "print(heavy)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
