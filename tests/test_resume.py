@@ -15,20 +15,14 @@ import xarray as xr
 from storage.corpus import iter_documents
 from storage.results import read_group
 from tests.processes import child_env, kill_tree
+from tests.tiny_models import tiny_run_args
 
 HOOK = "blocks.1.hook_resid_post"
 TIMEOUT = 900
 
 
 def _command(out: Path, model: str, corpus: Path) -> list[str]:
-    return [sys.executable, "-m", "saema.cli", "run", "--out", str(out), "--model", model, "--hooks", HOOK,
-            "--concepts", "days", "planets", "--corpus", str(corpus), "--corpus-max-tokens", "8192",
-            "--corpus-seq-len", "64", "--corpus-batch-size", "8", "--batch-size", "16",
-            "--expansion", "4", "--k", "8", "--steps", "30", "--sae-batch-size", "256",
-            "--noise-levels", "0", "0.1", "1", "--replicates", "2", "--umap-seeds", "42",
-            "--min-cluster-size", "5", "--alphas", "0.5", "1", "1.5", "--intervention-steps", "3",
-            "--paper-seeds", "2", "--causal-betas", "-1", "0", "1", "--causal-seeds", "1", "2", "--causal-steps", "5",
-            "--causal-clusters", "4"]
+    return [sys.executable, "-m", "saema.cli", "run", *tiny_run_args(out, model, corpus, hook=HOOK)]
 
 
 def _start(out: Path, model: str, corpus: Path) -> subprocess.Popen:

@@ -78,3 +78,18 @@ def save_tiny_model(arch: str, folder: Path) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def tiny_run_args(out, model: str, corpus, command: str = "run", hook: str = "blocks.1.hook_resid_post") -> list[str]:
+    """CLI options of a whole `saema` run on a tiny model in seconds per stage (`extract` takes only
+    the extraction options)."""
+    extract = ["--out", str(out), "--model", model, "--hooks", hook, "--concepts", "days", "planets",
+               "--corpus", str(corpus), "--corpus-max-tokens", "8192", "--corpus-seq-len", "64",
+               "--corpus-batch-size", "8", "--batch-size", "16"]
+    if command == "extract":
+        return extract
+    return extract + ["--expansion", "4", "--k", "8", "--steps", "30", "--sae-batch-size", "256",
+                      "--noise-levels", "0", "0.1", "1", "--replicates", "2", "--umap-seeds", "42",
+                      "--min-cluster-size", "5", "--alphas", "0.5", "1", "1.5", "--intervention-steps", "3",
+                      "--paper-seeds", "2", "--causal-betas", "-1", "0", "1", "--causal-seeds", "1", "2",
+                      "--causal-steps", "5", "--causal-clusters", "4"]
