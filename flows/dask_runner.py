@@ -9,6 +9,7 @@ its own local cluster and closes it when done.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 
 import dask
@@ -23,6 +24,12 @@ from storage.locations import is_process_local
 # temporary is mapped and page-faulted afresh: the stratify cells ran 1.4× slower in the workers
 # than in a plain process (BENCHMARKS.md). Our workers keep glibc's default behaviour.
 _WORKER_ENV = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+
+# A local cluster's scheduler and nannies live in the flow's process and log each start, connection
+# and close at INFO (about 20 lines per stage), and prefect-dask announces a dashboard at :8787 that
+# is not served without bokeh. Those are lifecycle chatter: only their warnings and errors are shown.
+for _name in ("distributed", "prefect.task_runner.dask"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 class DaskTaskRunner(_PrefectDaskTaskRunner):
@@ -47,7 +54,7 @@ def _local_cluster_kwargs(n_workers: int, processes: bool) -> dict:
     # tcp on 127.0.0.1 for threads too: the in-process transport (inproc://) takes no host, and its
     # HTTP servers would then listen on every interface.
     return {"n_workers": n_workers, "threads_per_worker": 1, "processes": processes, "protocol": "tcp",
-            "dashboard_address": None, "host": "127.0.0.1"}
+            "dashboard_address": "127.0.0.1:0", "host": "127.0.0.1"}  # no fixed :8787 to collide on
 
 
 class _RunCluster:

@@ -276,11 +276,6 @@ def concept_source(url: str, hook: str, concept: str) -> str:
     return source
 
 
-def consolidate(url: str) -> None:
-    """Consolidate the store's metadata (once, at the end of a run) for fast plain-xarray opens."""
-    zarr.consolidate_metadata(url)
-
-
 def open_activations(url: str, hook: str, concept: str | None = None) -> xr.Dataset:
     """Lazily open one complete group as an xarray Dataset; refuse an incomplete one.
 

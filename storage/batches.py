@@ -131,7 +131,9 @@ def _corpus_sequences(tokenizer, corpus: str, seq_len: int) -> Iterator[list[int
     body = seq_len - len(prefix) - len(suffix)
     buffer: list[int] = []
     for document in iter_documents(corpus):
-        buffer.extend(tokenizer(document, add_special_tokens=False)["input_ids"])
+        # verbose=False: a document longer than the model's positions is expected here — it is cut into
+        # sequences of seq_len below — so transformers' "longer than the maximum" warning does not apply.
+        buffer.extend(tokenizer(document, add_special_tokens=False, verbose=False)["input_ids"])
         while len(buffer) >= body:
             yield prefix + buffer[:body] + suffix
             del buffer[:body]

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
+
+import zarr
+from zarr.errors import ZarrUserWarning
 
 from saema_core.errors import SaemaError
 from storage.locations import is_local, local_path
@@ -39,3 +43,17 @@ def _check_file(path: Path, root: Path) -> None:
     except (ValueError, UnicodeDecodeError) as error:
         raise CorruptStoreError(f"{path} is corrupt ({error}); nothing was written — restore it from a backup, "
                                 f"or remove {root} and re-run to recompute it") from None
+
+
+def consolidate(url: str) -> None:
+    """Consolidate the store's metadata into its root `zarr.json`, so plain xarray opens it in one read.
+
+    Zarr warns on every call that consolidated metadata is not (yet) part of the Zarr v3 spec. saema
+    writes it on purpose, as an index beside the per-group metadata that stays authoritative (saema
+    itself reads with `use_consolidated=False`; readers that do not know the index ignore it), so
+    exactly that warning is not shown here; any other warning is.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part",
+                                category=ZarrUserWarning)
+        zarr.consolidate_metadata(url)

@@ -13,16 +13,19 @@ encoder saved as a plain BertModel).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
 import transformers
 from transformers.models.auto import modeling_auto
+from transformers.utils import logging as hf_logging
 
 from storage import gemma
 
@@ -112,11 +115,28 @@ def folder_revision(folder: str) -> str:
     return "sha256:" + digest.hexdigest()[:16]
 
 
-def _from_pretrained(loader, source: str, spec: ModelSpec, **kwargs):
+@contextlib.contextmanager
+def _transformers_quiet(report: bool) -> Iterator[None]:
+    """No per-tensor "Loading weights" bar (loads take a second), and with `report=False` no
+    transformers loading report either — for loads whose missing weights saema checks itself."""
+    bar, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    if not report:
+        hf_logging.set_verbosity_error()
     try:
-        return loader.from_pretrained(
-            source, revision=spec.revision, trust_remote_code=spec.trust_remote_code, **kwargs
-        )
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def _from_pretrained(loader, source: str, spec: ModelSpec, report: bool = True, **kwargs):
+    try:
+        with _transformers_quiet(report):
+            return loader.from_pretrained(
+                source, revision=spec.revision, trust_remote_code=spec.trust_remote_code, **kwargs
+            )
     except (OSError, ValueError, KeyError) as error:
         where = "local folder" if os.path.isdir(source) else "hub name (no model hub is reachable offline)"
         hint = (f"; the converted folder is damaged: remove {source} and saema converts it again"
@@ -229,7 +249,9 @@ def load_lm_head_model(spec: ModelSpec = ModelSpec()) -> LMHeadLoad:
     if kind is None:
         return LMHeadLoad(None, f"no LM head in the checkpoint ({names}: no causal or masked LM class "
                                 f"for model type {config.model_type!r})")
-    model, info = _from_pretrained(_LM_LOADERS[kind], source, spec, dtype=_DTYPES[spec.dtype],
+    # Its loading report is not shown: the missing head weights it would list are checked below and
+    # become the reason (for MiniLM's base checkpoint, "cls.predictions.* are not in its files").
+    model, info = _from_pretrained(_LM_LOADERS[kind], source, spec, report=False, dtype=_DTYPES[spec.dtype],
                                    output_loading_info=True)
     # Weights absent from the files were initialised at random; tied ones (GPT-2's lm_head = wte) are
     # not listed, so a base GPT2Model checkpoint still has its head.

@@ -35,7 +35,7 @@ import zarr
 from saema_core.errors import SaemaError
 from storage.locations import canonical, exists, is_local, is_process_local, local_path
 from storage.merge import CELL_DIMS, differing_parameters, merge_cells
-from storage.metadata import check_metadata
+from storage.metadata import check_metadata, consolidate
 from storage.result_groups import GROUPS
 
 _IN_PROCESS_LOCK = threading.Lock()
@@ -238,7 +238,7 @@ def write_group(out: str, group: str, ds: xr.Dataset) -> bool:
         else:
             merged.to_zarr(url, group=group, mode="w", consolidated=False)
         _record_pending_run(url)  # after the swap: a write that failed changed nothing, not even this
-        zarr.consolidate_metadata(url)
+        consolidate(url)
     return True
 
 
@@ -297,7 +297,7 @@ def _update_runs(url: str, update) -> None:
     """Rewrite the root's run records as `update(runs)`; the caller holds the write lock."""
     root = zarr.open_group(url, mode="a")
     root.attrs[RUNS_ATTR] = update(dict(root.attrs.get(RUNS_ATTR, {})))
-    zarr.consolidate_metadata(url)
+    consolidate(url)
 
 
 def _record_pending_run(url: str) -> None:

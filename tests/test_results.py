@@ -336,6 +336,25 @@ def test_expected_errors_are_logged_on_one_line(caplog):
     assert loud.exc_info is not None  # a bug keeps its traceback
 
 
+def test_cell_completions_are_debug_records_and_failures_stay(caplog):
+    import logging
+
+    from tasks.quiet_errors import install
+
+    install()
+    logger = logging.getLogger("prefect.task_runs")
+    with caplog.at_level(logging.INFO, logger="prefect"):
+        logger.info("Finished in state Completed()")
+        logger.info("Finished in state Cached(type=COMPLETED)")
+        logger.error("Finished in state Failed('Task run encountered an exception')")
+        logger.info("a message of the task itself")
+    assert [r.getMessage() for r in caplog.records][-2:] == [
+        "Finished in state Failed('Task run encountered an exception')", "a message of the task itself"]
+    with caplog.at_level(logging.DEBUG, logger="prefect"):
+        logger.info("Finished in state Completed()")
+    assert caplog.records[-1].levelname == "DEBUG"
+
+
 def test_a_run_with_other_parameters_keeps_each_cells_own(tmp_path):
     out = str(tmp_path)
     both = _cells(["h"], ["months", "days"], 1.0).assign_attrs(base_seed="0", noise_scale="absolute")
