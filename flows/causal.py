@@ -131,7 +131,7 @@ def _statistics(grid: dict, betas: list[float], skipped: np.ndarray, init: str) 
     return out
 
 
-@flow(name="saema-causal", log_prints=True)
+@flow(name="saema-causal", flow_run_name="causal · {model_name}", log_prints=True)
 def causal_flow(out: str, model_name: str, hooks: tuple[str, ...], sae_refs: list[SAERef],
                 cfg: CausalStageConfig = CausalStageConfig(), holdout_fraction: float = 0.05,
                 model: ModelSpec | None = None, dask_address: str | None = None, n_workers: int = 2,

@@ -13,7 +13,7 @@ from storage.concept_sources import resolve_concepts
 from tasks.extract import ActivationRef, extract_concept, extract_corpus
 
 
-@flow(name="saema-extract", log_prints=True)
+@flow(name="saema-extract", flow_run_name="extract · {cfg.model.label}", log_prints=True)
 def extract_flow(cfg: ExtractConfig = ExtractConfig()) -> list[ActivationRef]:
     """Stream every concept's prompts, then the training corpus, into the model's store."""
     ensure_output_dir(cfg.out)

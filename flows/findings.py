@@ -76,7 +76,7 @@ def findings_dataset(rows: dict[tuple[str, str], list[Finding]]) -> xr.Dataset:
     return ds
 
 
-@flow(name="saema-findings", log_prints=True)
+@flow(name="saema-findings", flow_run_name="findings", log_prints=True)
 def findings_flow(out: str) -> xr.Dataset | None:
     """Read the stored groups and write `findings` for every (model, hook) they hold."""
     groups = {name: read_group(out, name, dask=False) for name in {*_GROUPS.values(), "intervention"}}

@@ -12,11 +12,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from prefect import flow
+from prefect.futures import as_completed
 
 from flows.dask_runner import dask_runner
 from tasks.causal import causal_cell
 from tasks.caching import cached, cached_results, pending_cells, remember_results
 from tasks.intervention import intervention_cell
+from tasks.progress import StageProgress
 from tasks.stratify import stratify_cells
 from tasks.structure import structure_cell
 
@@ -38,11 +40,14 @@ def longest_first(stage: str, calls: list[dict[str, Any]]) -> list[int]:
     return sorted(range(len(calls)), key=lambda i: -_cost(stage, calls[i]))
 
 
-@flow(name="saema-grid", flow_run_name="{stage} grid")
+@flow(name="saema-grid", flow_run_name="{stage} cells")
 def grid_flow(stage: str, out: str, calls: list[dict[str, Any]], refresh: bool = False) -> list[dict]:
     """Every call of the stage's task, mapped over the task runner the caller chose (Dask)."""
     task = cached(GRID_TASKS[stage], out, refresh)
     futures = task.map(**{name: [call[name] for call in calls] for name in calls[0]})
+    with StageProgress(f"{stage} cells", total=len(calls), unit="cell") as progress:
+        for _ in as_completed(list(futures)):
+            progress.advance()
     return [future.result() for future in futures]
 
 

@@ -169,7 +169,7 @@ def intervention_dataset(model, cells, results, cfg: InterventionStageConfig, ho
     return xr.Dataset(data, coords=coords, attrs={"design": __doc__, "paper_step_scale": cfg.paper_step_scale})
 
 
-@flow(name="saema-intervention", log_prints=True)
+@flow(name="saema-intervention", flow_run_name="intervention · {model_name}", log_prints=True)
 def intervention_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: tuple[str, ...],
                       sae_refs: list[SAERef], cfg: InterventionStageConfig = InterventionStageConfig(),
                       structure_seed: int = 42, dask_address: str | None = None, n_workers: int = 2,

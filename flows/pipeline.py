@@ -6,7 +6,7 @@ alone (`saema stratify`) runs the earlier ones only where their results are miss
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, tags
 
 from flows.causal import causal_flow
 from flows.config import PipelineConfig
@@ -15,9 +15,11 @@ from flows.extract import extract_flow
 from flows.findings import findings_flow
 from flows.intervention import intervention_flow
 from flows.preflight import preflight
+from flows.run_labels import config_tags, models_run_name, pipeline_run_name, stage_tags
 from flows.sae import sae_flow
 from flows.stratify import stratify_flow
 from flows.structure import structure_flow
+from flows.summary import publish_run_summary
 from storage.activation_store import activation_store_url, concept_prompt_set
 from storage.report import report_is_current, write_report
 from storage.results import read_group, recorded_run
@@ -25,7 +27,7 @@ from storage.results import read_group, recorded_run
 STAGES = ("extract", "sae", "stratify", "structure", "intervention", "causal", "report")
 
 
-@flow(name="saema-pipeline", log_prints=True)
+@flow(name="saema-pipeline", flow_run_name=pipeline_run_name, log_prints=True)
 def saema_pipeline(cfg: PipelineConfig = PipelineConfig(), stages: tuple[str, ...] = STAGES) -> None:
     """prompts → activations → SAEs → stratification → structure → intervention → causal test →
     findings → report."""
@@ -38,14 +40,18 @@ def saema_pipeline(cfg: PipelineConfig = PipelineConfig(), stages: tuple[str, ..
               "concepts": list(ex.concepts) or [ex.prompt_file or "default concepts"]}
     with recorded_run(ex.out, record):  # a failed run stays recorded until a re-run completes it
         _run_stages(cfg, stages)
-    if "report" in stages:
-        current = report_is_current(ex.out)
-        print(f"report: {ex.out.rstrip('/')}/report.html" + (" (unchanged)" if current else ""))
-        if not current:
-            write_report(ex.out)
+    report = _report(ex.out) if "report" in stages else None
+    publish_run_summary(ex.out, [(ex.model.label, hook) for hook in ex.hooks], report)
 
 
-@flow(name="saema-models", log_prints=True)
+def _report(out: str) -> str:
+    path = f"{out.rstrip('/')}/report.html"
+    current = report_is_current(out)
+    print(f"report: {path}" + (" (unchanged)" if current else ""))
+    return path if current else write_report(out)
+
+
+@flow(name="saema-models", flow_run_name=models_run_name, log_prints=True)
 def saema_models(configs: list[PipelineConfig], stages: tuple[str, ...] = STAGES) -> None:
     """`saema_pipeline` for several models, one after the other, each a subflow; their results go
     into one store when they share `out`, side by side along the `model` dimension."""
@@ -53,7 +59,13 @@ def saema_models(configs: list[PipelineConfig], stages: tuple[str, ...] = STAGES
     if len(set(labels)) != len(labels):
         raise ValueError(f"two models would be stored under one name: {labels}")
     for cfg in configs:
-        saema_pipeline.with_options(flow_run_name=f"saema-{cfg.extract.model.label}")(cfg, stages=stages)
+        with tags(*config_tags(cfg)):
+            saema_pipeline(cfg, stages=stages)
+    outs = dict.fromkeys(cfg.extract.out for cfg in configs)
+    for out in outs:
+        report = f"{out.rstrip('/')}/report.html" if "report" in stages else None
+        publish_run_summary(out, [(cfg.extract.model.label, hook) for cfg in configs if cfg.extract.out == out
+                                  for hook in cfg.extract.hooks], report)
 
 
 def differing_concepts(out: str, model: str, hook: str, concepts: tuple[str, ...]) -> list[str]:
@@ -77,24 +89,32 @@ def differing_concepts(out: str, model: str, hook: str, concepts: tuple[str, ...
 
 def _run_stages(cfg: PipelineConfig, stages: tuple[str, ...]) -> None:
     ex = cfg.extract
-    refs = extract_flow(ex)
+    with stage_tags("extract"):
+        refs = extract_flow(ex)
     concepts = tuple(ref.concept for ref in refs if ref.concept is not None)
     for line in differing_concepts(ex.out, ex.model.label, ex.hooks[0], concepts):
         print(f"warning: {line}")
     if "sae" not in stages:
         return
-    sae_refs = sae_flow(ex.out, ex.model.label, ex.hooks, concepts, cfg.sae, model=ex.model, refresh=ex.refresh)
+    with stage_tags("sae"):
+        sae_refs = sae_flow(ex.out, ex.model.label, ex.hooks, concepts, cfg.sae, model=ex.model, refresh=ex.refresh)
     dask = (cfg.stratify.dask_address, cfg.stratify.n_workers)
+    cells = (ex.out, ex.model.label, ex.hooks)
     with cluster_per_run():  # one local Dask cluster for the parallel stages, started when first needed
         if "stratify" in stages:
-            stratify_flow(ex.out, ex.model.label, ex.hooks, concepts, sae_refs, cfg.stratify, ex.refresh)
+            with stage_tags("stratify"):
+                stratify_flow(*cells, concepts, sae_refs, cfg.stratify, ex.refresh)
         if "structure" in stages:
-            structure_flow(ex.out, ex.model.label, ex.hooks, concepts, sae_refs, cfg.structure, *dask, ex.refresh)
+            with stage_tags("structure"):
+                structure_flow(*cells, concepts, sae_refs, cfg.structure, *dask, ex.refresh)
         if "intervention" in stages:
-            intervention_flow(ex.out, ex.model.label, ex.hooks, concepts, sae_refs, cfg.intervention,
-                              cfg.structure.seeds[0], *dask, ex.refresh)
+            with stage_tags("intervention"):
+                intervention_flow(*cells, concepts, sae_refs, cfg.intervention, cfg.structure.seeds[0], *dask,
+                                  ex.refresh)
         if "causal" in stages:
-            causal_flow(ex.out, ex.model.label, ex.hooks, sae_refs, cfg.causal, cfg.sae.holdout_fraction, ex.model,
-                        *dask, ex.refresh, dead_tokens=cfg.sae.dead_tokens)
+            with stage_tags("causal"):
+                causal_flow(*cells, sae_refs, cfg.causal, cfg.sae.holdout_fraction, ex.model, *dask, ex.refresh,
+                            dead_tokens=cfg.sae.dead_tokens)
     if {"stratify", "structure", "intervention", "causal"} & set(stages):
-        findings_flow(ex.out)
+        with stage_tags("findings"):
+            findings_flow(ex.out)

@@ -75,7 +75,7 @@ def ce_loss_score_variable(refs: list[SAERef], metrics: list[dict], hooks: list[
     return ("model", "hook", "sae"), score, attrs
 
 
-@flow(name="saema-sae", log_prints=True)
+@flow(name="saema-sae", flow_run_name="sae · {model_name}", log_prints=True)
 def sae_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: tuple[str, ...],
              cfg: SAEStageConfig = SAEStageConfig(), model: ModelSpec | None = None,
              refresh: bool = False) -> list[SAERef]:

@@ -161,7 +161,7 @@ def stratify_calls(out: str, model_name: str, cells, sae_refs: list[SAERef], par
     return calls
 
 
-@flow(name="saema-stratify", log_prints=True)
+@flow(name="saema-stratify", flow_run_name="stratify · {model_name}", log_prints=True)
 def stratify_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: tuple[str, ...],
                   sae_refs: list[SAERef], cfg: StratifyConfig = StratifyConfig(), refresh: bool = False) -> None:
     """Rank vs noise for every (hook, concept, space); verdicts and strata to results.zarr."""

@@ -105,7 +105,7 @@ def structure_dataset(model: str, cells, results, cfg: StructureStageConfig, hoo
                                     "seed": seeds, "token_index": np.arange(n_tok)})
 
 
-@flow(name="saema-structure", log_prints=True)
+@flow(name="saema-structure", flow_run_name="structure · {model_name}", log_prints=True)
 def structure_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: tuple[str, ...],
                    sae_refs: list[SAERef], cfg: StructureStageConfig = StructureStageConfig(),
                    dask_address: str | None = None, n_workers: int = 2, refresh: bool = False) -> None:

@@ -103,13 +103,16 @@ def extract_config(args: argparse.Namespace, model_name: str | None = None) -> E
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
+    from prefect import tags
+
     from flows.backend import prefect_backend
     from flows.extract import extract_flow
     from flows.preflight import preflight_extract
+    from flows.run_labels import run_tags
 
     cfg = extract_config(args)
     preflight_extract(cfg)  # bad options, prompts and stores fail before a Prefect server starts
-    with prefect_backend():
+    with prefect_backend(), tags(*run_tags(cfg.model.label, cfg.hooks), "stage:extract"):
         extract_flow(cfg)
 
 
@@ -253,15 +256,18 @@ def pipeline_command(*stages: str) -> Callable[[argparse.Namespace], None]:
     """A subcommand that runs `saema_pipeline` up to the given stages (all of them when none)."""
 
     def command(args: argparse.Namespace) -> None:
+        from prefect import tags
+
         from flows.backend import prefect_backend
         from flows.pipeline import STAGES, saema_models, saema_pipeline
         from flows.preflight import preflight
+        from flows.run_labels import config_tags
 
         # Bad options, prompts and stores fail here, before a Prefect server starts.
         configs = [pipeline_config(args, name) for name in dict.fromkeys(args.model)]
         for cfg in configs:
             preflight(cfg, stages or STAGES)
-        with prefect_backend():
+        with prefect_backend(), tags(*config_tags(configs[0]) if len(configs) == 1 else ["saema"]):
             if len(configs) == 1:
                 saema_pipeline(configs[0], stages=stages or STAGES)
             else:

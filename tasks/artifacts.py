@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pandas as pd
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext
 
 from storage.locations import read_bytes
@@ -26,10 +26,26 @@ def publish_table(key: str, frame: pd.DataFrame, description: str) -> None:
     create_table_artifact(key=_key(key), table=rows.to_dict(orient="records"), description=description)
 
 
+def _plot_markdown(png: str, caption: str) -> str:
+    data = base64.b64encode(read_bytes(png)).decode()
+    return f"### {caption}\n\n![{Path(png).name}](data:image/png;base64,{data})\n\n`{png}`"
+
+
 def publish_plot(key: str, png: str, description: str) -> None:
     """A markdown artifact embedding a PNG (as a data URI) with its description."""
+    publish_plots(key, [(png, description)], description)
+
+
+def publish_plots(key: str, plots: list[tuple[str, str]], description: str, heading: str = "") -> None:
+    """One markdown artifact embedding several (PNG, caption) pairs under an optional heading."""
+    if FlowRunContext.get() is None or not plots:
+        return
+    markdown = "\n\n".join([heading] * bool(heading) + [_plot_markdown(png, caption) for png, caption in plots])
+    create_markdown_artifact(key=_key(key), markdown=markdown, description=description)
+
+
+def publish_link(key: str, link: str, text: str, description: str) -> None:
+    """A link artifact (e.g. to the HTML report) when running inside a flow."""
     if FlowRunContext.get() is None:
         return
-    data = base64.b64encode(read_bytes(png)).decode()
-    markdown = f"### {description}\n\n![{Path(png).name}](data:image/png;base64,{data})\n\n`{png}`"
-    create_markdown_artifact(key=_key(key), markdown=markdown, description=description)
+    create_link_artifact(key=_key(key), link=link, link_text=text, description=description)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.context import TaskRunContext
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.exceptions import MissingContextError
 from tqdm.auto import tqdm
 
@@ -18,14 +18,14 @@ class StageProgress:
     The Prefect artifact is updated in steps of about 5% so the API is not flooded.
     """
 
-    def __init__(self, label: str, total: int) -> None:
-        self.label, self.total, self.done = label, max(total, 1), 0
+    def __init__(self, label: str, total: int, unit: str = "batch") -> None:
+        self.label, self.total, self.done, self.unit = label, max(total, 1), 0, unit
         self._artifact = None
         self._last = 0.0
 
     def __enter__(self) -> "StageProgress":
-        self._bar = tqdm(total=self.total, desc=self.label, unit="batch", leave=False)
-        if TaskRunContext.get() is not None:
+        self._bar = tqdm(total=self.total, desc=self.label, unit=self.unit, leave=False)
+        if TaskRunContext.get() is not None or FlowRunContext.get() is not None:
             try:
                 self._artifact = create_progress_artifact(progress=0.0, description=self.label)
             except MissingContextError:

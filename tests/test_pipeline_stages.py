@@ -11,7 +11,7 @@ import xarray as xr
 
 from flows.config import (CausalStageConfig, ExtractConfig, InterventionStageConfig, PipelineConfig, SAEStageConfig,
                           StratifyConfig, StructureStageConfig)
-from flows.pipeline import saema_pipeline
+from flows.pipeline import STAGES, saema_pipeline
 from storage import latent_store
 from storage.models import ModelSpec
 from storage.results import read_group
@@ -259,3 +259,64 @@ def test_causal_from_scratch_trains_every_sae_from_its_seed(pipeline_run, tmp_pa
     assert scratch.cfg.d_sae == base.cfg.d_sae and scratch.cfg.k == base.cfg.k
     # a fresh start, not the base SAE's weights nudged
     assert float((scratch.W_dec - base.W_dec).abs().max()) > 0.5
+
+
+def test_every_run_option_is_a_deployment_parameter_with_the_same_default():
+    import inspect
+
+    from flows.deployments import RENAMED, scheduled_pipeline
+    from saema.cli import build_parser
+
+    cli = vars(build_parser().parse_args(["run"]))
+    del cli["command"], cli["handler"]
+    parameters = dict(inspect.signature(scheduled_pipeline.fn).parameters)
+    del parameters["stages"]
+    names = {RENAMED.get(dest, dest): dest for dest in cli}
+    assert set(parameters) == set(names)
+    for name, parameter in parameters.items():
+        default = parameter.default
+        assert (list(default) if isinstance(default, tuple) else default) == cli[names[name]], name
+    assert set(scheduled_pipeline.parameters.properties) == {*parameters, "stages"}  # in the UI's form too
+
+
+def test_deployment_parameters_build_the_config_the_command_line_builds(tmp_path):
+    from flows.deployments import run_arguments
+    from saema.cli import build_parser, pipeline_config
+
+    prompts = tmp_path / "prompts.json"
+    argv = ["run", "--model", "m", "--hooks", HOOK, "--prompts", str(prompts), "--sae", f"{HOOK}=/saes/x",
+            "--no-dense", "--k", "16", "--replicates", "5", "--umap-seeds", "1", "2", "--objectives", "aedp",
+            "--causal-init", "scratch", "--corpus", "none"]
+    parameters = {"models": ["m"], "hooks": [HOOK], "prompt_file": str(prompts), "sae": [f"{HOOK}=/saes/x"],
+                  "no_dense": True, "k": 16, "replicates": 5, "umap_seeds": (1, 2), "objectives": ["aedp"],
+                  "causal_init": "scratch", "corpus": None}
+    expected = pipeline_config(build_parser().parse_args(argv), "m")
+    assert pipeline_config(run_arguments(parameters), "m") == expected
+    assert expected.sae.checkpoints == ((HOOK, "/saes/x"),) and not expected.sae.train_dense
+    assert expected.extract.concept_source == str(prompts) and expected.extract.corpus is None
+    with pytest.raises(ValueError, match="unknown deployment parameter 'sae_steps'"):
+        run_arguments({"sae_steps": 3})
+
+
+def test_a_deployment_with_a_bad_parameter_fails_before_any_work(tmp_path):
+    from flows.deployments import scheduled_pipeline
+
+    with pytest.raises(ValueError, match="--sae expects HOOK=PATH"):
+        scheduled_pipeline(hooks=[HOOK], sae=["no-equals-sign"], out=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_deployment_of_prefect_yaml_builds_a_valid_config():
+    import yaml
+
+    from flows.deployments import run_arguments
+    from saema.cli import pipeline_config
+
+    spec = yaml.safe_load((Path(__file__).parent.parent / "prefect.yaml").read_text())
+    for deployment in spec["deployments"]:
+        parameters = dict(deployment["parameters"])
+        stages = parameters.pop("stages", None)
+        args = run_arguments(parameters)
+        configs = [pipeline_config(args, model) for model in args.model]
+        assert configs and (stages is None or set(stages) <= set(STAGES)), deployment["name"]
+        assert all(tag == "saema" or tag.startswith("model:") for tag in deployment["tags"])
