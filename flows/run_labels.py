@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import re
-from pathlib import PurePath
 from collections.abc import Iterable, Iterator
+from pathlib import PurePath
 from typing import Any
 
 from prefect import tags

@@ -17,9 +17,9 @@ import contextlib
 import functools
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
