@@ -9,19 +9,19 @@ starts Prefect; `saema_pipeline` calls it again first thing (deployment runs do 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from flows.config import ExtractConfig, PipelineConfig
 from saema_core.hooks import parse_hook
 from storage.activation_store import activation_store_url
 from storage.batches import concept_batches
 from storage.concept_sources import check_concepts
 from storage.corpus import check_corpus
+from storage.locations import canonical, exists
 from storage.metadata import check_metadata
 from storage.models import LoadedModel, load_model
 from storage.prompts import PromptError
 from storage.results import results_url
 from storage.sae_formats.common import CheckpointError
+from storage.sae_releases import resolve_checkpoint
 
 
 def preflight(cfg: PipelineConfig, stages: tuple[str, ...] = ()) -> LoadedModel:
@@ -67,8 +67,13 @@ def check_sae_settings(cfg: PipelineConfig, lm: LoadedModel) -> None:
     """Checkpoints exist; a TopK SAE to train keeps k within its width."""
     sae = cfg.sae
     for hook, path in sae.checkpoints:
-        if not Path(path).expanduser().exists():
-            raise CheckpointError(f"--sae {hook}={path}: no SAE checkpoint at {path}")
+        try:
+            folder = resolve_checkpoint(path)
+        except CheckpointError as error:
+            raise CheckpointError(f"--sae {hook}={path}: {error}") from error
+        if not exists(canonical(folder)):
+            raise CheckpointError(f"--sae {hook}={path}: no SAE checkpoint at {path} (a folder, an fsspec URL, or "
+                                  f"a SAELens release name RELEASE/SAE_ID)")
     trained = [hook for hook in cfg.extract.hooks if sae.checkpoint_for(hook) is None]
     width = sae.expansion * lm.d_model
     if trained and sae.architecture == "topk" and sae.k > width:

@@ -22,6 +22,7 @@ from storage.locations import basename, canonical, exists, join, read_text, writ
 from storage.models import ModelSpec, load_lm_head_model
 from storage.provenance import config_hash, provenance
 from storage.sae_checkpoints import load_sae, sae_hash, save_sae
+from storage.sae_releases import resolve_checkpoint
 from tasks.progress import StageProgress
 
 SAE_KINDS = ("sae", "dense_ae")
@@ -85,6 +86,7 @@ def train_or_load_sae(out: str, model_name: str, hook: str, kind: str, cfg: SAES
     d_model = corpus.sizes["d_model"]
     user_path = cfg.checkpoint_for(hook) if kind == "sae" else None
     if user_path:
+        user_path = resolve_checkpoint(user_path)  # a SAELens release name → its cached folder
         sae = load_sae(user_path, expected_d_in=d_model)
         return SAERef(str(user_path), basename(str(user_path)), kind, sae_hash(sae), hook)
     key = _training_key(cfg, kind, corpus.attrs["content_hash"], corpus.attrs["model_revision"])

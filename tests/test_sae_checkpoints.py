@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import types
 from pathlib import Path
@@ -572,3 +573,77 @@ def test_release_is_converted_through_the_saelens_path(monkeypatch):
     assert sae_hash(loaded) == sae_hash(sae)
     with pytest.raises(CheckpointError, match=r"release 'some-release', sae_id 'layer_1'.*d_in=384"):
         load_sae_from_release("some-release", "layer_1", expected_d_in=384)
+
+
+# SAELens release names, resolved in a local Hugging Face cache (storage.sae_releases).
+
+RELEASES_YAML = """
+toy-res: {repo_id: toy-org/toy-saes, model: tiny, saes: [{id: blocks.1.hook_resid_post, path: res/layer_1}]}
+toy-converted: {repo_id: toy-org/other, model: tiny, conversion_func: gemma_2, saes: [{id: a, path: a}]}
+"""
+
+
+@pytest.fixture
+def release_cache(tmp_path, monkeypatch):
+    """A SAELens release table with two releases, and a Hugging Face cache holding toy-res's SAE."""
+    from huggingface_hub import constants
+
+    from storage import sae_releases
+
+    table = tmp_path / "pretrained_saes.yaml"
+    table.write_text(RELEASES_YAML)
+    monkeypatch.setattr(sae_releases, "directory_file", lambda: table)
+    cache = tmp_path / "hf-cache"
+    repo = cache / "models--toy-org--toy-saes"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    sae = random_sae("topk")
+    save_sae(sae, repo / "snapshots" / commit / "res" / "layer_1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return sae, repo / "snapshots" / commit / "res" / "layer_1"
+
+
+def test_a_saelens_release_name_loads_its_folder_from_the_local_cache(release_cache):
+    from storage.sae_releases import resolve_checkpoint
+
+    sae, folder = release_cache
+    for name in ("toy-res/blocks.1.hook_resid_post", "saelens:toy-res/blocks.1.hook_resid_post"):
+        assert resolve_checkpoint(name) == str(folder)
+    loaded = load_sae(resolve_checkpoint("toy-res/blocks.1.hook_resid_post"), expected_d_in=D_IN)
+    x = inputs()
+    torch.testing.assert_close(loaded.encode(x), sae.eval().encode(x))
+    assert resolve_checkpoint("toy-res") == "toy-res"  # no sae_id: a path, as given
+
+
+@pytest.mark.parametrize("name, message", [
+    ("saelens:toy-rez/blocks.1.hook_resid_post", "no SAELens release 'toy-rez'; did you mean toy-res"),
+    ("saelens:toy-res/blocks.2.hook_resid_post", "no such sae_id in the release; did you mean blocks.1"),
+    ("saelens:toy-converted/a", "converts this release from another layout ('gemma_2')"),
+])
+def test_a_bad_release_name_says_what_is_wrong(release_cache, name, message):
+    from storage.sae_releases import resolve_checkpoint
+
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        resolve_checkpoint(name)
+
+
+def test_a_release_missing_from_the_cache_says_how_to_get_it(release_cache, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from storage.sae_releases import resolve_checkpoint
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(CheckpointError, match=r"not in the local Hugging Face cache .*hf download toy-org/toy-saes "
+                                              r"--include 'res/layer_1/\*'"):
+        resolve_checkpoint("toy-res/blocks.1.hook_resid_post")
+
+
+def test_without_sae_lens_a_release_name_asks_for_it_and_a_path_stays_a_path(monkeypatch):
+    from storage import sae_releases
+
+    monkeypatch.setattr(sae_releases, "directory_file", lambda: None)
+    with pytest.raises(CheckpointError, match=r"needs its table, from the optional package sae-lens"):
+        sae_releases.resolve_checkpoint("saelens:gpt2-small-res-jb/blocks.8.hook_resid_pre")
+    assert sae_releases.resolve_checkpoint("gpt2-small-res-jb/blocks.8.hook_resid_pre") == (
+        "gpt2-small-res-jb/blocks.8.hook_resid_pre")  # preflight then says: no SAE checkpoint at …
