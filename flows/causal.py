@@ -148,7 +148,7 @@ def causal_flow(out: str, model_name: str, hooks: tuple[str, ...], sae_refs: lis
         png = plot_path(out, model_name, "causal", hook)
         if changed or not exists(png):
             plot_causal(cell, png, f"{model_name} {hook}")
-        publish_plot(f"causal-{model_name}-{hook}", png, f"held-out MSE vs achieved separability at {hook} (training-time test)")
+        publish_plot(f"causal-{model_name}-{hook}", png, f"{model_name}: held-out MSE vs achieved separability at {hook} (training-time test)")
         print(f"causal {hook}: {cell.verdict.item()} — {cell.verdict_reason.item()}")
     publish_table(f"causal-outcomes-{model_name}", ds[["mse", "explained_variance", "separability", "separability_ratio"]]
                   .to_dataframe(), "held-out outcomes of every fine-tuned SAE of the causal test")

@@ -184,7 +184,7 @@ def intervention_flow(out: str, model_name: str, hooks: tuple[str, ...], concept
         png = plot_path(out, model_name, "intervention", hook)
         if changed or not exists(png):
             plot_intervention(ds.sel(model=model_name, hook=hook), png)
-        publish_plot(f"intervention-{model_name}-{hook}", png, f"post-hoc moves at {hook}: ΔMSE vs ΔSep and vs α")
+        publish_plot(f"intervention-{model_name}-{hook}", png, f"{model_name}: post-hoc moves at {hook}: ΔMSE vs ΔSep and vs α")
     slopes = ds[["slope", "slope_ci_low", "slope_ci_high", "n_replicates"]].to_dataframe()
     publish_table(f"intervention-slopes-{model_name}", slopes, "slope of ΔMSE on ΔSep at fixed displacement, concepts as replicates")
     for (m, hook, objective, kind), row in slopes.iterrows():

@@ -180,7 +180,7 @@ def stratify_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: t
         png = plot_path(out, model_name, "stratification", hook)
         if changed or not exists(png):
             plot_rank_vs_noise(ds.sel(model=model_name, hook=hook), png)
-        publish_plot(f"stratification-{model_name}-{hook}", png, f"SAEMA latent-mode rank vs noise at {hook}")
+        publish_plot(f"stratification-{model_name}-{hook}", png, f"{model_name}: SAEMA latent-mode rank vs noise at {hook}")
     verdicts = ds[["verdict", "n_strata", "rank_range", "tau", "n_unsaturated"]].sel(mode="latent")
     publish_table(f"stratification-verdicts-{model_name}", verdicts.to_dataframe(),
                   "SAEMA verdicts per (model, hook, concept, space), latent mode, exact rank")

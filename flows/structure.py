@@ -124,8 +124,11 @@ def structure_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: 
             png = plot_path(out, model_name, "structure", hook, concept)
             if changed or not exists(png):
                 panels = {s: by_cell[(hook, concept, s, cfg.seeds[0])] for s in cfg.spaces}
-                plot_structure_scatter(panels, meta[concept]["token"], f"{model_name} {hook} · {concept}", png)
-            publish_plot(f"structure-{model_name}-{hook}-{concept}", png, f"UMAP of {concept} at {hook}, coloured by cluster")
+                plot_structure_scatter(panels, meta[concept]["token"],
+                                       f"{model_name} {hook} · {concept} · UMAP seed {cfg.seeds[0]} (2-D view; "
+                                       f"clusters from the {cfg.n_components}-D embedding)", png)
+            publish_plot(f"structure-{model_name}-{hook}-{concept}", png,
+                         f"{model_name}: UMAP of {concept} at {hook}, coloured by cluster (seed {cfg.seeds[0]})")
     metrics = ds[["n_clusters", "noise_fraction", "avg_intrinsic_dim", "mst_weight", "agd", "procrustes_disparity",
                   *_IDENTITIES]]
     publish_table(f"structure-metrics-{model_name}", metrics.mean("seed").to_dataframe(),

@@ -62,8 +62,8 @@ def plot_rank_vs_noise(ds: xr.Dataset, path: str, mode: str = "latent", estimato
     for ax in list(axes.flat)[len(concepts):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
-    fig.suptitle(f"SAEMA {mode}-mode rank vs noise — {ds.hook.values} ({estimator}); dashed: saturation bound",
-                 fontsize=11)
+    where = " ".join(str(ds[dim].values) for dim in ("model", "hook") if dim in ds.coords and ds[dim].ndim == 0)
+    fig.suptitle(f"{where}: SAEMA {mode}-mode rank vs noise ({estimator}); dashed: saturation bound", fontsize=11)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -91,8 +91,9 @@ def plot_structure_scatter(panels: dict[str, dict], tokens, title: str, path: st
                 ax.annotate(token, (x, y), fontsize=6, alpha=0.8)
         n = int(result["metrics"]["n_clusters"]) if np.isfinite(result["metrics"]["n_clusters"]) else 0
         ax.set_title(f"{space}: {n} clusters", fontsize=10)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set_xlabel("UMAP 1")
+        ax.set_ylabel("UMAP 2")
+        ax.tick_params(labelsize=7)
     fig.suptitle(title, fontsize=11)
     return _save(fig, path)
 

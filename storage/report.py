@@ -41,7 +41,9 @@ _SPACE_COLOR = {"latent": "tab:red", "dense_ae": "tab:blue", "resid": "tab:gray"
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
 h1 { border-bottom: 2px solid #444; } h2 { margin-top: 2em; border-bottom: 1px solid #bbb; }
+.table-wrap { overflow-x: auto; max-width: 100%; }
 table.data { border-collapse: collapse; font-size: 0.85em; margin: 0.6em 0; }
+table.data thead th { position: sticky; top: 0; background: #fff; }
 table.data th, table.data td { padding: 2px 8px; border-bottom: 1px solid #ddd; text-align: right; }
 figure { margin: 1em 0; } figure img { max-width: 100%; } figcaption { font-size: 0.85em; color: #555; }
 .incomplete-run { background: #fff3cd; border: 1px solid #e0b000; padding: 0.5em; }
@@ -69,10 +71,25 @@ def note_html(text: str) -> str:
     return f'<p class="note">{html.escape(text)}</p>'
 
 
+def format_number(value: float) -> str:
+    """Counts as integers with thousands separators (12,100, not 1.21e+04); other values with four
+    significant digits, in plain notation between 0.001 and a million, scientific outside."""
+    if not np.isfinite(value):
+        return "—" if np.isnan(value) else str(value)
+    if float(value).is_integer() and abs(value) < 1e15:
+        return f"{int(value):,}"
+    magnitude = abs(value)
+    if 1e-3 <= magnitude < 1e6:
+        decimals = max(0, 3 - int(np.floor(np.log10(magnitude))))
+        return f"{value:,.{decimals}f}"
+    return f"{value:.3e}"
+
+
 def table_html(frame: pd.DataFrame, max_rows: int = MAX_TABLE_ROWS) -> str:
-    """A pandas table (4 significant digits, '—' for NaN), truncated with a note past `max_rows`."""
-    shown = frame.head(max_rows).to_html(classes="data", border=0, na_rep="—",
-                                         float_format=lambda value: f"{value:.4g}")
+    """A pandas table (see `format_number`; '—' for NaN) that scrolls sideways when wider than the
+    page, truncated with a note past `max_rows`."""
+    shown = frame.head(max_rows).to_html(classes="data", border=0, na_rep="—", float_format=format_number)
+    shown = f'<div class="table-wrap">{shown}</div>'
     if len(frame) > max_rows:
         shown += note_html(f"first {max_rows} of {len(frame)} rows; `saema query` prints them all")
     return shown
@@ -84,6 +101,14 @@ def glossary_html(ds: xr.Dataset) -> str:
              "description": var.attrs.get("description", "")} for name, var in ds.data_vars.items()]
     frame = pd.DataFrame(rows).set_index("variable")
     return f"<details><summary>variables</summary>{table_html(frame)}</details>"
+
+
+def reasons_html(ds: xr.Dataset) -> str:
+    """Why values are missing: the `reason` attribute a variable carries when some cells are NaN
+    (e.g. `ce_loss_score` of a model without an LM head)."""
+    notes = [f"{name} is '—' where it could not be computed: {var.attrs['reason']}" for name, var in ds.data_vars.items()
+             if var.attrs.get("reason") and var.dtype.kind == "f" and bool(var.isnull().any())]
+    return "".join(note_html(text) for text in notes)
 
 
 def attrs_html(ds: xr.Dataset) -> str:
@@ -108,7 +133,13 @@ def sae_eval_section(ds: xr.Dataset) -> list[str]:
     """Reconstruction metrics per (model, hook, SAE kind)."""
     numeric = [str(v) for v in ds.data_vars if ds[v].dtype.kind in "fiub"]
     labels = [str(v) for v in ds.data_vars if v not in numeric]
-    return [table_html(cell_frame(ds, labels + numeric))]
+    shown = [v for v in ("sae_id",) if v in labels]
+    sources = [v for v in labels if v not in shown]
+    parts = [table_html(cell_frame(ds, shown + numeric))]
+    if sources:
+        parts.append(f"<details><summary>model sources and revisions</summary>"
+                     f"{table_html(cell_frame(ds, sources))}</details>")
+    return parts
 
 
 # --- stratification ---------------------------------------------------------------------------------
@@ -264,6 +295,40 @@ def strata_section(ds: xr.Dataset) -> list[str]:
     return parts
 
 
+# --- structure --------------------------------------------------------------------------------------
+
+STRUCTURE_KEY = ("n_clusters", "noise_fraction", "ari_item", "ari_sentence", "agd", "procrustes_disparity")
+
+
+def seed_summary(var: xr.DataArray) -> pd.DataFrame:
+    """Rows (model, hook, concept), columns space: "mean ± sd" over seeds (the value, for one seed)."""
+    mean, sd = var.mean("seed"), var.std("seed")
+    cells = xr.apply_ufunc(np.vectorize(lambda m, s: "" if np.isnan(m) else format_number(m) + (
+        f" ± {format_number(s)}" if var.sizes["seed"] > 1 else ""), otypes=[object]), mean, sd)
+    frame = cells.to_dataframe(name=str(var.name))[str(var.name)].unstack("space")
+    return frame[[c for c in var.space.values if c in frame.columns]].replace("", np.nan).dropna(how="all")
+
+
+def structure_section(ds: xr.Dataset) -> list[str]:
+    """Key cluster metrics, one narrow table each (spaces as columns, mean ± sd over UMAP seeds); every
+    metric per seed folded away; the reason of each cell whose metrics are NaN."""
+    if not {"seed", "space", "concept"} <= set(ds.dims):
+        return generic_section(ds)
+    seeds = ", ".join(map(str, ds.seed.values))
+    parts = [note_html(f"Per concept, one column per space; mean ± sd over the UMAP seeds ({seeds}).")]
+    for name in [n for n in STRUCTURE_KEY if n in ds]:
+        description = ds[name].attrs.get("description") or ds[name].attrs.get("long_name", "")
+        parts += [f"<h3>{html.escape(name)}</h3>", note_html(description) if description else "",
+                  table_html(seed_summary(ds[name]))]
+    if "reason" in ds:
+        reasons = ds["reason"].to_dataframe()[["reason"]]
+        reasons = reasons[reasons["reason"].astype(str) != ""]
+        if len(reasons):
+            parts += ["<h3>cells without metrics</h3>", table_html(reasons)]
+    parts.append(f"<details><summary>every metric, per seed</summary>{''.join(generic_section(ds))}</details>")
+    return parts
+
+
 # --- any other group --------------------------------------------------------------------------------
 
 def scalar_variables(ds: xr.Dataset) -> dict[tuple[str, ...], list[str]]:
@@ -360,14 +425,14 @@ def comparison_section(tree: xr.DataTree) -> str:
 
 SECTIONS: dict[str, Callable[[xr.Dataset], list[str]]] = {
     "findings": findings_section, "sae_eval": sae_eval_section, "stratification": stratification_section,
-    "strata": strata_section, "causal": causal_section}
+    "strata": strata_section, "causal": causal_section, "structure": structure_section}
 
 
 def group_section(name: str, ds: xr.Dataset) -> str:
     sizes = ", ".join(f"{dim}: {size}" for dim, size in ds.sizes.items())
     body = SECTIONS.get(name, generic_section)(ds)
     return "\n".join([f'<section id="{name}"><h2>{html.escape(name)}</h2>', note_html(f"dims — {sizes}"),
-                      attrs_html(ds), *body, glossary_html(ds), "</section>"])
+                      attrs_html(ds), *body, reasons_html(ds), glossary_html(ds), "</section>"])
 
 
 # --- other plots, footer, page ----------------------------------------------------------------------

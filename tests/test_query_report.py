@@ -292,3 +292,30 @@ def test_help_imports_nothing_heavy():
             "heavy = [m for m in ('torch', 'transformers', 'xarray', 'zarr', 'pandas', 'prefect') if m in sys.modules]; "
             "print(heavy)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_report_numbers_read_as_a_person_writes_them():
+    from storage.report import format_number
+
+    assert [format_number(v) for v in (12100.0, 32.0, 0.5590123, 48.8812, 3.255e-4, 2.5e7, -0.005209, np.nan)] == [
+        "12,100", "32", "0.5590", "48.88", "3.255e-04", "25,000,000", "-0.005209", "—"]
+
+
+def test_report_structure_tables_are_narrow_and_nan_reasons_are_shown():
+    from storage.report import reasons_html, seed_summary
+
+    rng = np.random.default_rng(0)
+    values = rng.random((1, 2, 3, 2))
+    values[0, 1, 2, :] = np.nan  # one (concept, space) never computed
+    var = xr.DataArray(values, dims=("hook", "concept", "space", "seed"), name="n_clusters",
+                       coords={"hook": ["h"], "concept": ["a", "b"], "space": ["resid", "latent", "dense_ae"],
+                               "seed": [42, 43]})
+    frame = seed_summary(var)
+    assert list(frame.columns) == ["resid", "latent", "dense_ae"] and len(frame) == 2
+    mean, sd = values[0, 0, 0].mean(), values[0, 0, 0].std(ddof=0)
+    assert frame.loc[("h", "a"), "resid"].startswith(f"{mean:.4f}"[:5]) and " ± " in frame.loc[("h", "a"), "resid"]
+    assert pd.isna(frame.loc[("h", "b"), "dense_ae"])
+    ds = xr.Dataset({"ce_loss_score": (("sae",), [np.nan, 0.9], {"reason": "no LM head in the checkpoint"}),
+                     "mse": (("sae",), [1.0, 2.0], {"reason": "never shown: nothing is missing"})})
+    notes = reasons_html(ds)
+    assert "ce_loss_score" in notes and "no LM head in the checkpoint" in notes and "mse" not in notes
