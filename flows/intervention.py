@@ -28,6 +28,18 @@ from tasks.intervention import TRAJECTORY_FIELDS, inputs_fingerprint
 from tasks.sae import SAERef
 
 KINDS = ("optimised", "control", "control_row")
+# Per-step quantities of a move (saema_core.intervention's docstring defines them).
+TRAJECTORY_ATTRS = {
+    "objective": {"long_name": "optimiser objective L(Δ)", "units": "1"},
+    "separability": {"long_name": "separability of the moved clusters",
+                     "description": "AEDP (centroid distance, activation units) or GW (distance²), per objective"},
+    "mse": {"long_name": "mean squared reconstruction error", "units": "activation²",
+            "description": "mean over tokens and d_model of (x̂ − x)² (sae_eval.mse sums over d_model instead)"},
+    "mse_zscored": {"long_name": "mean squared error of z-scored reconstructions", "units": "1"},
+    "explained_variance": {"long_name": "explained variance of the reconstruction", "units": "1"},
+    "displacement_norm": {"long_name": "norm of the applied latent displacement", "units": "latent",
+                          "description": "‖clamp(Z + Δ) − Z‖_F over the moved tokens"},
+}
 MOVE_FIELDS = {
     "row_norm": "‖row-space part‖ of the applied displacement (changes the reconstruction)",
     "null_norm": "‖null-space part‖ of the applied displacement (changes separability for free)",
@@ -140,7 +152,7 @@ def intervention_dataset(model, cells, results, cfg: InterventionStageConfig, ho
     lead = ("model", "hook", "concept")
     move_dims = (*lead, "objective", "intervention", "direction", "alpha")
     # The optimiser's objective value L(Δ) is stored as `loss`: `objective` names the dimension.
-    data = {("loss" if f == "objective" else f): ((*move_dims, "step"), v, {"long_name": f})
+    data = {("loss" if f == "objective" else f): ((*move_dims, "step"), v, TRAJECTORY_ATTRS.get(f, {}))
             for f, v in arrays.trajectories.items()}
     data.update({f: (move_dims, v, {"description": MOVE_FIELDS[f]}) for f, v in arrays.moves.items()})
     data.update({f"pure_{f}": ((*lead, "objective", "direction"), v,

@@ -152,3 +152,21 @@ def to_frame(ds: xr.Dataset, variables: Sequence[str] | None = None, max_cells: 
     frame.attrs["skipped"] = skipped
     return frame
 
+
+def write_netcdf(groups: dict[str, xr.Dataset], path: str) -> None:
+    """Datasets as one netCDF-4 file (h5netcdf), one netCDF group per name, attributes kept.
+
+    numpy's variable-length strings (how Zarr gives them back) are written as netCDF strings; open
+    the file with `xr.open_datatree(path)` (every group) or `xr.open_dataset(path, group=NAME)`.
+    """
+    tree = xr.DataTree.from_dict({f"/{name}": _netcdf_ready(ds.load()) for name, ds in groups.items()})
+    tree.to_netcdf(path, engine="h5netcdf")
+
+
+def _netcdf_ready(ds: xr.Dataset) -> xr.Dataset:
+    """StringDType variables and coordinates as object strings, which netCDF writers encode."""
+    def plain(var):
+        return var.astype(object) if var.dtype.kind == "T" else var
+
+    ds = ds.assign_coords({name: plain(ds[name].variable) for name in ds.coords})
+    return ds.assign({name: plain(ds[name].variable) for name in ds.data_vars})

@@ -3,6 +3,8 @@
     saema query --out DIR                                   # what every group holds
     saema query --out DIR --group stratification --hook blocks.3.hook_resid_post --format csv
     saema query --out DIR --group sae_eval --var explained_variance --by-layer --sel sae=sae
+    saema query --out DIR --group structure --format parquet --output structure.parquet   # a tidy table
+    saema query --out DIR --format netcdf --output results.nc      # every group, one netCDF-4 group each
     saema report --out DIR                                  # DIR/report.html, self-contained
 """
 
@@ -19,7 +21,9 @@ if TYPE_CHECKING:  # pandas, xarray and the store load when a query runs, not fo
     import pandas as pd
     import xarray as xr
 
-FORMATS = ("table", "csv", "json")
+FORMATS = ("table", "csv", "json", "parquet", "netcdf")
+FILE_FORMATS = ("parquet", "netcdf")
+"""Binary formats: written to --output, never to the terminal."""
 TABLE_ROWS = 50
 """Rows a `table` prints when no --limit is given (csv and json print everything)."""
 
@@ -46,7 +50,11 @@ def add_query_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sel", nargs="+", default=[], metavar="DIM=VALUE",
                         help="keep one label of any dimension, e.g. space=latent noise=0.1 (with --by-layer: "
                              "fix the dimensions not compared, e.g. sae=sae)")
-    parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default: %(default)s)")
+    parser.add_argument("--format", choices=FORMATS, default="table",
+                        help="table, csv or json on stdout; parquet (the tidy table) or netcdf (the groups as "
+                             "xarray datasets, netCDF-4) into --output (default: %(default)s)")
+    parser.add_argument("--output", default=None, metavar="PATH",
+                        help="write to this file instead of stdout (needed for parquet and netcdf)")
     parser.add_argument("--limit", type=_positive_int, default=None,
                         help=f"print at most N rows (default: {TABLE_ROWS} for table, all for csv/json)")
 
@@ -66,13 +74,37 @@ def summary_frame(groups: dict[str, xr.Dataset]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["group", "variable", "dims", "shape", "dtype", "units", "description"])
 
 
-def _emit(frame: pd.DataFrame, fmt: str, limit: int | None) -> None:
-    """Write a frame to stdout as csv or json records (NaN → empty / null)."""
+def _emit(frame: pd.DataFrame, fmt: str, limit: int | None, output: str | None = None) -> None:
+    """Write a frame as csv or json records (NaN → empty / null) to stdout, or as csv, json or parquet
+    to the file `output`."""
     frame = frame if limit is None else frame.head(limit)
-    if fmt == "csv":
+    if output is not None:
+        _write_file(output, lambda path: _FRAME_WRITERS[fmt](frame, path))
+    elif fmt == "csv":
         frame.to_csv(sys.stdout, index=False)
     else:
         sys.stdout.write(frame.to_json(orient="records", force_ascii=False) + "\n")
+
+
+_FRAME_WRITERS = {"csv": lambda frame, path: frame.to_csv(path, index=False),
+                  "json": lambda frame, path: frame.to_json(path, orient="records", force_ascii=False),
+                  "parquet": lambda frame, path: frame.to_parquet(path, index=False)}
+
+
+def _write_file(output: str, write) -> None:
+    """`write(path)` into a temporary file beside `output`, renamed into place: a failed export leaves
+    no half-written file (and an earlier export of the same name intact)."""
+    import os
+    from pathlib import Path
+
+    target = Path(output).expanduser()
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        write(str(partial))
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    print(f"saema query: wrote {target}", file=sys.stderr)
 
 
 def _print_table(title: str, frame: pd.DataFrame, limit: int) -> None:
@@ -83,10 +115,10 @@ def _print_table(title: str, frame: pd.DataFrame, limit: int) -> None:
     print()
 
 
-def _print_summary(groups: dict[str, xr.Dataset], fmt: str, limit: int | None) -> None:
+def _print_summary(groups: dict[str, xr.Dataset], fmt: str, limit: int | None, output: str | None = None) -> None:
     frame = summary_frame(groups)
     if fmt != "table":
-        _emit(frame, fmt, limit)
+        _emit(frame, fmt, limit, output)
         return
     for name, ds in groups.items():
         rows = frame[frame.group == name].drop(columns="group")
@@ -103,7 +135,17 @@ def _print_group(name: str, ds: xr.Dataset, args: argparse.Namespace) -> None:
     if args.format == "table":
         _print_table(f"{name} ({_sizes(ds)})", frame, args.limit or TABLE_ROWS)
     else:
-        _emit(frame, args.format, args.limit)
+        _emit(frame, args.format, args.limit, args.output)
+
+
+def _export_netcdf(result, args: argparse.Namespace) -> None:
+    """The selected group (or every group) as xarray datasets in one netCDF-4 file."""
+    from saema.api import write_netcdf
+
+    if args.limit is not None:
+        raise ValueError("--limit counts table rows; netcdf exports datasets (select with --sel, --model …)")
+    groups = result if isinstance(result, dict) else {args.group: result[args.variables] if args.variables else result}
+    _write_file(args.output, lambda path: write_netcdf(groups, path))
 
 
 def run_query(args: argparse.Namespace) -> int:
@@ -113,6 +155,10 @@ def run_query(args: argparse.Namespace) -> int:
 
     if args.variables and args.group is None:
         raise ValueError("--var needs --group (variables belong to one group)")
+    if args.format in FILE_FORMATS and not args.output:
+        raise ValueError(f"--format {args.format} writes a file: give --output PATH")
+    if args.output and args.format == "table":
+        raise ValueError("--output writes csv, json, parquet or netcdf: give --format")
     result = query(args.out, args.group, model=args.model, hook=args.hook, concept=args.concept)
     if args.by_layer:
         return _print_by_layer(result, args)
@@ -120,8 +166,10 @@ def run_query(args: argparse.Namespace) -> int:
         result = _select_labels(result, args.group, _labels(args.sel))
     for line in incomplete_warning(args.out).splitlines():
         print(f"saema query: warning: {line}", file=sys.stderr)
-    if isinstance(result, dict):
-        _print_summary(result, args.format, args.limit)
+    if args.format == "netcdf":
+        _export_netcdf(result, args)
+    elif isinstance(result, dict):
+        _print_summary(result, args.format, args.limit, args.output)
     else:
         _print_group(args.group, result, args)
     return 0
@@ -161,8 +209,10 @@ def _print_by_layer(ds: xr.Dataset, args: argparse.Namespace) -> int:
     frame = table.reset_index()
     if args.format == "table":
         _print_table(f"{args.group}.{args.variables[0]} by layer", frame, args.limit or TABLE_ROWS)
+    elif args.format == "netcdf":
+        raise ValueError("--by-layer prints a table; use --format csv, json or parquet")
     else:
-        _emit(frame, args.format, args.limit)
+        _emit(frame, args.format, args.limit, args.output)
     return 0
 
 

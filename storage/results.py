@@ -33,6 +33,7 @@ import xarray as xr
 import zarr
 
 from saema_core.errors import SaemaError
+from storage.conventions import CONVENTIONS, TITLE, annotate, write_provenance
 from storage.locations import canonical, exists, is_local, is_process_local, local_path
 from storage.merge import CELL_DIMS, differing_parameters, merge_cells
 from storage.metadata import check_metadata, consolidate
@@ -225,6 +226,7 @@ def write_group(out: str, group: str, ds: xr.Dataset) -> bool:
     if group not in GROUPS:
         raise ResultsError(f"unknown results group {group!r}; groups are {GROUPS}")
     url = results_url(out)
+    ds = annotate(group, ds)
     if _merged(out, group, ds)[1]:
         return False
     check_metadata(url)  # nothing goes into a store whose metadata is damaged
@@ -233,13 +235,25 @@ def write_group(out: str, group: str, ds: xr.Dataset) -> bool:
         if unchanged:
             return False
         _say_replaced_parameters(group, ds, old)
+        merged.attrs.update(write_provenance())
         if is_local(url):
             _swap_in(local_path(url), group, merged)
         else:
             merged.to_zarr(url, group=group, mode="w", consolidated=False)
+        _stamp_root(url, merged.attrs)
         _record_pending_run(url)  # after the swap: a write that failed changed nothing, not even this
         consolidate(url)
     return True
+
+
+def _stamp_root(url: str, written: dict) -> None:
+    """The root says what the store is, which saema last wrote it, and when it was created."""
+    root = zarr.open_group(url, mode="a")
+    stamp = {"title": TITLE, "Conventions": CONVENTIONS,
+             **{key: written[key] for key in ("saema_version", "git_commit", "date_modified")}}
+    if "date_created" not in root.attrs:
+        stamp["date_created"] = stamp["date_modified"]
+    root.attrs.update(stamp)
 
 
 def _merged(out: str, group: str, ds: xr.Dataset) -> tuple[xr.Dataset, bool, xr.Dataset | None]:

@@ -319,3 +319,48 @@ def test_report_structure_tables_are_narrow_and_nan_reasons_are_shown():
                      "mse": (("sae",), [1.0, 2.0], {"reason": "never shown: nothing is missing"})})
     notes = reasons_html(ds)
     assert "ce_loss_score" in notes and "no LM head in the checkpoint" in notes and "mse" not in notes
+
+
+def test_cli_exports_parquet_and_netcdf_that_read_back_to_the_stored_values(out, tmp_path, capsys):
+    parquet, netcdf = tmp_path / "strata.parquet", tmp_path / "all.nc"
+    run_query(_parse(["--out", out, "--group", "strata", "--model", "m1", "--format", "parquet",
+                      "--output", str(parquet)]))
+    frame = pd.read_parquet(parquet)
+    stored = query(out, "strata", model="m1")
+    assert len(frame) == stored["mean_jaccard"].size and set(frame.model) == {"m1"}
+    picked = frame.query(f"hook == '{H5}' and concept == 'days' and space == 'latent' and noise == 1.0 and replicate == 1")
+    assert picked["mean_jaccard"].item() == pytest.approx(
+        stored["mean_jaccard"].sel(hook=H5, concept="days", space="latent", noise=1.0, replicate=1).values.item())
+    run_query(_parse(["--out", out, "--format", "netcdf", "--output", str(netcdf), "--sel", "space=latent"]))
+    tree = xr.open_datatree(netcdf)
+    assert set(tree.children) == {"stratification", "strata", "structure", "sae_eval"}
+    strata = tree["strata"].to_dataset()
+    xr.testing.assert_allclose(strata["mean_jaccard"], query(out, "strata").sel(space="latent")["mean_jaccard"].load())
+    assert strata.noise.attrs["long_name"] == "noise level σ" and strata.attrs["Conventions"] == "CF-1.10"
+    assert list(tree["stratification"].to_dataset().verdict.values.ravel()[:1]) != []  # strings survive
+    assert not list(tmp_path.glob(".*.partial"))
+
+
+def test_cli_file_formats_need_an_output_and_a_failed_export_leaves_no_file(out, tmp_path):
+    with pytest.raises(ValueError, match="--format parquet writes a file: give --output PATH"):
+        run_query(_parse(["--out", out, "--group", "strata", "--format", "parquet"]))
+    with pytest.raises(ValueError, match="--output writes csv, json, parquet or netcdf"):
+        run_query(_parse(["--out", out, "--output", str(tmp_path / "x.csv")]))
+    target = tmp_path / "missing-folder" / "x.nc"
+    with pytest.raises(OSError):
+        run_query(_parse(["--out", out, "--group", "strata", "--format", "netcdf", "--output", str(target)]))
+    assert not target.parent.exists()
+
+
+def test_every_stored_group_describes_itself(out):
+    tree = open_results(out)
+    assert {"title", "Conventions", "saema_version", "git_commit", "date_created", "date_modified"} <= set(tree.attrs)
+    for name, group in tree.children.items():
+        ds = group.to_dataset()
+        assert ds.attrs["Conventions"] == "CF-1.10" and "date_modified" in ds.attrs, name
+        for coord in ("model", "hook"):
+            assert ds[coord].attrs.get("long_name"), (name, coord)
+        for var_name, var in ds.data_vars.items():
+            long_name = var.attrs.get("long_name")
+            assert long_name and (long_name != var_name or "_" not in var_name), (name, var_name)  # words
+    assert tree["strata"].to_dataset()["noise"].attrs["long_name"] == "noise level σ"

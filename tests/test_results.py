@@ -181,7 +181,7 @@ def test_extending_a_group_along_any_dimension_keeps_every_cell(tmp_path_factory
                 assert _same(got, _cell(newest, name, where)), (name, where, got)
     padded = stored["count"].isnull().any()
     assert stored["count"].dtype.kind == ("f" if padded else "i")
-    assert stored["reason"].dtype.kind in "OT" and stored["value"].attrs == {"units": "1"}
+    assert stored["reason"].dtype.kind in "OT" and stored["value"].attrs == {"units": "1", "long_name": "value"}
 
 
 def _cells_of(da: xr.DataArray):
