@@ -155,9 +155,13 @@ def _add_stratify_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--noise-scale", default=defaults.noise_scale, choices=["absolute", "relative"],
                        help="absolute: s = 1; relative: s = RMS ‖x‖/√d (default: %(default)s)")
     group.add_argument("--noise-seed", type=int, default=defaults.seed, help="base seed of the noise")
+
+
+def _add_dask_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("parallel stages (Dask)")
     group.add_argument("--dask-address", default=None,
                        help="tcp://host:8786 of an existing Dask scheduler (default: a local cluster)")
-    group.add_argument("--workers", type=int, default=defaults.n_workers,
+    group.add_argument("--workers", type=int, default=StratifyConfig.n_workers,
                        help="workers of the local Dask cluster (default: %(default)s)")
 
 
@@ -243,19 +247,32 @@ def pipeline_config(args: argparse.Namespace, model_name: str | None = None) -> 
                           causal=causal_config(args))
 
 
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    _add_extract_options(parser)
-    _add_sae_options(parser)
-    _add_stratify_options(parser)
-    _add_structure_options(parser)
-    _add_intervention_options(parser)
-    _add_causal_options(parser)
+def options_of(*adders: Callable[[argparse.ArgumentParser], None]) -> Callable[[argparse.ArgumentParser], None]:
+    """One option adder made of several (a subcommand lists only the options of the stages it runs)."""
+
+    def add(parser: argparse.ArgumentParser) -> None:
+        for adder in adders:
+            adder(parser)
+
+    return add
+
+
+_add_run_options = options_of(_add_extract_options, _add_sae_options, _add_stratify_options, _add_structure_options,
+                              _add_intervention_options, _add_causal_options, _add_dask_options)
+
+
+def _with_run_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """`args` completed with the `saema run` defaults of the options its subcommand does not list."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _add_run_options(parser)
+    return argparse.Namespace(**{**vars(parser.parse_args([])), **vars(args)})
 
 
 def pipeline_command(*stages: str) -> Callable[[argparse.Namespace], None]:
     """A subcommand that runs `saema_pipeline` up to the given stages (all of them when none)."""
 
     def command(args: argparse.Namespace) -> None:
+        args = _with_run_defaults(args)
         from prefect import tags
 
         from flows.backend import prefect_backend
@@ -295,19 +312,23 @@ def build_parser() -> argparse.ArgumentParser:
                     _add_extract_options, cmd_extract),
         "train-sae": ("train (or load with --sae) an SAE and the dense control per hook, encode the "
                       "concepts and evaluate; extracts first if the store is missing",
-                      _add_run_options, cmd_train_sae),
+                      options_of(_add_extract_options, _add_sae_options), cmd_train_sae),
         "stratify": ("SAEMA stratification: noise sweep, SSPD ranks and the verdict on Dask (runs the "
                      "earlier stages first where their results are missing; they are cached)",
-                     _add_run_options, cmd_stratify),
+                     options_of(_add_extract_options, _add_sae_options, _add_stratify_options, _add_dask_options),
+                     cmd_stratify),
         "structure": ("local and global representations: UMAP + HDBSCAN clusters and their geometry in "
                       "resid, latent and dense-AE space (earlier stages run where missing)",
-                      _add_run_options, cmd_structure),
+                      options_of(_add_extract_options, _add_sae_options, _add_structure_options, _add_dask_options),
+                      cmd_structure),
         "intervene": ("optimised separate/merge interventions on the latent clusters, random controls, "
                       "ΔSep–ΔMSE correlations and a verdict (earlier stages run where missing)",
-                      _add_run_options, cmd_intervene),
+                      options_of(_add_extract_options, _add_sae_options, _add_structure_options,
+                                 _add_intervention_options, _add_dask_options), cmd_intervene),
         "causal": ("the training-time causal test: SAEs fine-tuned with a ±β separability term over β × seeds, "
                    "held-out MSE vs achieved separability, a verdict with CIs over seeds (earlier stages run "
-                   "where missing)", _add_run_options, cmd_causal),
+                   "where missing)", options_of(_add_extract_options, _add_sae_options, _add_causal_options,
+                                                _add_dask_options), cmd_causal),
     }
     commands["query"] = ("print stored results as tables (table, csv or json), filtered by model, hook, "
                          "concept and group", add_query_arguments, run_query)

@@ -62,8 +62,7 @@ def plot_rank_vs_noise(ds: xr.Dataset, path: str, mode: str = "latent", estimato
     for ax in list(axes.flat)[len(concepts):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
-    where = " ".join(str(ds[dim].values) for dim in ("model", "hook") if dim in ds.coords and ds[dim].ndim == 0)
-    fig.suptitle(f"{where}: SAEMA {mode}-mode rank vs noise ({estimator}); dashed: saturation bound", fontsize=11)
+    fig.suptitle(f"{_where(ds)}: SAEMA {mode}-mode rank vs noise ({estimator}); dashed: saturation bound", fontsize=11)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -171,7 +170,13 @@ def plot_intervention(ds: xr.Dataset, path: str) -> str:
             _paper_panel(ax, ds, int(direction))
         for ax in axes[-1][ds.sizes["direction"]:]:
             ax.axis("off")
+    fig.suptitle(f"{_where(ds)}: post-hoc interventions on the latent clusters".lstrip(": "), fontsize=11)
     return _save(fig, path)
+
+
+def _where(ds: xr.Dataset) -> str:
+    """"model hook" of a dataset selected to one model and hook (what a plot title names)."""
+    return " ".join(str(ds[dim].values) for dim in ("model", "hook") if dim in ds.coords and ds[dim].ndim == 0)
 
 
 def plot_causal(ds: xr.Dataset, path: str, title: str) -> str:

@@ -31,6 +31,7 @@ from tests.processes import (
     venv_executable,
     wait_until,
 )
+from tests.tiny_models import without_write_time
 
 pytestmark = pytest.mark.integration
 
@@ -124,7 +125,7 @@ def tiny_config(tmp_path: Path, out: str, dask_address: str | None) -> PipelineC
 
 def run_stages_up_to_stratify(cfg: PipelineConfig) -> xr.Dataset:
     saema_pipeline(cfg, stages=("extract", "sae", "stratify"))
-    return read_group(cfg.extract.out, "stratification").load()
+    return without_write_time(read_group(cfg.extract.out, "stratification").load())
 
 
 def test_stratify_runs_on_the_given_scheduler_and_equals_a_local_cluster(dask_cluster, tmp_path):

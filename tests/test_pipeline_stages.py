@@ -320,3 +320,19 @@ def test_every_deployment_of_prefect_yaml_builds_a_valid_config():
         configs = [pipeline_config(args, model) for model in args.model]
         assert configs and (stages is None or set(stages) <= set(STAGES)), deployment["name"]
         assert all(tag == "saema" or tag.startswith("model:") for tag in deployment["tags"])
+
+
+def test_each_subcommand_lists_only_the_options_of_the_stages_it_runs(capsys):
+    from saema.cli import build_parser, main
+
+    parser = build_parser()
+    subcommands = [a for a in parser._actions if a.dest == "command"][0].choices
+    options = {name: {o for a in sub._actions for o in a.option_strings} for name, sub in subcommands.items()}
+    assert "--alphas" in options["intervene"] and "--alphas" not in options["stratify"]
+    assert "--causal-betas" not in options["structure"] and "--noise-levels" not in options["train-sae"]
+    assert "--workers" in options["causal"] and "--workers" not in options["train-sae"]
+    stage_commands = ("extract", "train-sae", "stratify", "structure", "intervene", "causal")
+    assert options["run"] == set().union(*(options[name] for name in stage_commands))
+    with pytest.raises(SystemExit):
+        main(["stratify", "--alphas", "1"])
+    assert "unrecognized arguments: --alphas 1" in capsys.readouterr().err

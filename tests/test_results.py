@@ -341,9 +341,12 @@ def test_cell_completions_are_debug_records_and_failures_stay(caplog):
 
     from tasks.quiet_errors import install
 
+    from prefect.settings import PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW, temporary_settings
+
     install()
     logger = logging.getLogger("prefect.task_runs")
-    with caplog.at_level(logging.INFO, logger="prefect"):
+    with caplog.at_level(logging.INFO, logger="prefect"), \
+            temporary_settings(updates={PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW: "ignore"}):
         logger.info("Finished in state Completed()")
         logger.info("Finished in state Cached(type=COMPLETED)")
         logger.error("Finished in state Failed('Task run encountered an exception')")

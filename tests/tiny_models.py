@@ -86,10 +86,22 @@ def tiny_run_args(out, model: str, corpus, command: str = "run", hook: str = "bl
     extract = ["--out", str(out), "--model", model, "--hooks", hook, "--concepts", "days", "planets",
                "--corpus", str(corpus), "--corpus-max-tokens", "8192", "--corpus-seq-len", "64",
                "--corpus-batch-size", "8", "--batch-size", "16"]
-    if command == "extract":
-        return extract
-    return extract + ["--expansion", "4", "--k", "8", "--steps", "30", "--sae-batch-size", "256",
-                      "--noise-levels", "0", "0.1", "1", "--replicates", "2", "--umap-seeds", "42",
-                      "--min-cluster-size", "5", "--alphas", "0.5", "1", "1.5", "--intervention-steps", "3",
-                      "--paper-seeds", "2", "--causal-betas", "-1", "0", "1", "--causal-seeds", "1", "2",
-                      "--causal-steps", "5", "--causal-clusters", "4"]
+    stages = {"sae": ["--expansion", "4", "--k", "8", "--steps", "30", "--sae-batch-size", "256"],
+              "stratify": ["--noise-levels", "0", "0.1", "1", "--replicates", "2"],
+              "structure": ["--umap-seeds", "42", "--min-cluster-size", "5"],
+              "intervention": ["--alphas", "0.5", "1", "1.5", "--intervention-steps", "3", "--paper-seeds", "2"],
+              "causal": ["--causal-betas", "-1", "0", "1", "--causal-seeds", "1", "2", "--causal-steps", "5",
+                         "--causal-clusters", "4"]}
+    listed = COMMAND_STAGES.get(command, tuple(stages))  # each subcommand takes its stages' options only
+    return extract + [option for stage in listed if stage in stages for option in stages[stage]]
+
+
+COMMAND_STAGES = {"extract": (), "train-sae": ("sae",), "stratify": ("sae", "stratify"),
+                  "structure": ("sae", "structure"), "intervene": ("sae", "structure", "intervention"),
+                  "causal": ("sae", "causal")}
+
+
+def without_write_time(ds):
+    """A results group without the moment it was written: two runs of the same cells write the same
+    values at different times (storage.conventions.write_provenance)."""
+    return ds.assign_attrs({key: "" for key in ("date_modified",) if key in ds.attrs})
