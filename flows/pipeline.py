@@ -58,12 +58,12 @@ def saema_models(configs: list[PipelineConfig], stages: tuple[str, ...] = STAGES
     labels = [cfg.extract.model.label for cfg in configs]
     if len(set(labels)) != len(labels):
         raise ValueError(f"two models would be stored under one name: {labels}")
+    each = tuple(stage for stage in stages if stage != "report")  # the report once, after every model
     for cfg in configs:
         with tags(*config_tags(cfg)):
-            saema_pipeline(cfg, stages=stages)
-    outs = dict.fromkeys(cfg.extract.out for cfg in configs)
-    for out in outs:
-        report = f"{out.rstrip('/')}/report.html" if "report" in stages else None
+            saema_pipeline(cfg, stages=each)
+    for out in dict.fromkeys(cfg.extract.out for cfg in configs):
+        report = _report(out) if "report" in stages else None
         publish_run_summary(out, [(cfg.extract.model.label, hook) for cfg in configs if cfg.extract.out == out
                                   for hook in cfg.extract.hooks], report)
 
