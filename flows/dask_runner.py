@@ -73,8 +73,30 @@ class _RunCluster:
 
     def close(self) -> None:
         if self.cluster is not None:
-            self.cluster.close()
+            with _quiet_worker_kills():
+                self.cluster.close()
             self.cluster = None
+
+
+class _WorkerKilledAtClose(logging.Filter):
+    """Drops the nanny's "Worker process still alive after 4.0 seconds, killing" (only that record)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Worker process still alive after")
+
+
+@contextlib.contextmanager
+def _quiet_worker_kills() -> Iterator[None]:
+    """While the run's own cluster closes, after its last task: a busy machine's worker processes
+    (torch loaded, Prefect flushing their logs) can take longer than the nanny's fixed 4 s to exit,
+    and the nanny then kills them and warns. Nothing is left to lose at that point, so that warning
+    is not shown here; any other record of the close, and the same warning at any other time, are."""
+    nanny, quiet = logging.getLogger("distributed.nanny"), _WorkerKilledAtClose()
+    nanny.addFilter(quiet)
+    try:
+        yield
+    finally:
+        nanny.removeFilter(quiet)
 
 
 _run_cluster: _RunCluster | None = None

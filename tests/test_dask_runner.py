@@ -27,3 +27,18 @@ def test_stages_of_a_run_share_one_local_cluster_whose_workers_keep_the_default_
         Client(first.address, timeout=2)
     per_stage = dask_runner(None, 2)  # outside a run: each stage starts its own
     assert per_stage.address is None and per_stage.cluster_kwargs["n_workers"] == 2
+
+
+def test_only_the_worker_kill_at_the_runs_own_close_is_quiet(caplog):
+    import logging
+
+    from flows.dask_runner import _quiet_worker_kills
+
+    nanny = logging.getLogger("distributed.nanny")
+    with caplog.at_level(logging.WARNING, logger="distributed"):
+        with _quiet_worker_kills():
+            nanny.warning("Worker process still alive after 4.0 seconds, killing")
+            nanny.warning("Restarting worker")
+        nanny.warning("Worker process still alive after 4.0 seconds, killing")
+    assert [r.getMessage() for r in caplog.records] == ["Restarting worker",
+                                                         "Worker process still alive after 4.0 seconds, killing"]
