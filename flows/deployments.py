@@ -33,6 +33,7 @@ from storage.model_spec import DEFAULT_MODEL, model_label
 
 # Argparse names whose deployment parameter is called otherwise.
 RENAMED = {"model": "models"}
+_DESTS = {parameter: dest for dest, parameter in RENAMED.items()}
 
 
 def scheduled_run_name() -> str:
@@ -49,7 +50,7 @@ def run_arguments(parameters: dict) -> argparse.Namespace:
 
     args = build_parser().parse_args(["run"])
     for name, value in parameters.items():
-        dest = {v: k for k, v in RENAMED.items()}.get(name, name)
+        dest = _DESTS.get(name, name)
         if not hasattr(args, dest):
             raise ValueError(f"unknown deployment parameter {name!r}")
         if dest == "corpus" and value is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import xarray as xr
 from prefect import flow
 
@@ -76,6 +77,12 @@ def findings_dataset(rows: dict[tuple[str, str], list[Finding]]) -> xr.Dataset:
     return ds
 
 
+def verdict_rows(ds: xr.Dataset) -> pd.DataFrame:
+    """The findings with a verdict, one row per (model, hook, claim, space): verdict, why, numbers."""
+    frame = ds[["verdict", "why", "numbers"]].to_dataframe()
+    return frame[frame["verdict"] != ""]
+
+
 @flow(name="saema-findings", flow_run_name="findings", log_prints=True)
 def findings_flow(out: str) -> xr.Dataset | None:
     """Read the stored groups and write `findings` for every (model, hook) they hold."""
@@ -87,8 +94,7 @@ def findings_flow(out: str) -> xr.Dataset | None:
     pairs = sorted({(str(m), str(h)) for ds in present for m in ds.model.values for h in ds.hook.values})
     ds = findings_dataset({pair: claim_findings(groups, *pair) for pair in pairs})
     write_group(out, "findings", ds)
-    frame = ds[["verdict", "why", "numbers"]].to_dataframe()
-    frame = frame[frame["verdict"] != ""]
+    frame = verdict_rows(ds)
     publish_table("findings", frame, "The paper's claims, read off the stored results, with their caveats")
     for (model, hook, claim, space), row in frame.iterrows():
         print(f"finding {model} {hook} {claim} [{space}]: {row['verdict']} — {row['why']}")

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from prefect.context import FlowRunContext
 
+from flows.findings import verdict_rows
 from flows.run_labels import short_hook
 from storage.locations import exists, is_local, local_path
 from storage.plots import plot_path
@@ -39,10 +40,8 @@ def findings_frame(out: str, models: Sequence[str], hooks: Sequence[str]):
     findings = read_group(out, "findings", dask=False)
     if findings is None:
         return None
-    findings = findings.sel(model=[m for m in models if m in findings.model.values],
-                            hook=[h for h in hooks if h in findings.hook.values])
-    frame = findings[["verdict", "why", "numbers"]].to_dataframe()
-    return frame[frame["verdict"] != ""]
+    return verdict_rows(findings.sel(model=[m for m in models if m in findings.model.values],
+                                     hook=[h for h in hooks if h in findings.hook.values]))
 
 
 def key_plots(out: str, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -12,7 +12,6 @@ Applied by `storage.results.write_group` to every group it writes:
 
 from __future__ import annotations
 
-import datetime
 import re
 
 import numpy as np
@@ -96,9 +95,8 @@ def annotate(group: str, ds: xr.Dataset) -> xr.Dataset:
 
 def write_provenance() -> dict[str, str]:
     """What wrote a group and when (set at write time, so an unchanged re-run keeps the stored ones)."""
-    from storage.provenance import git_commit
+    from storage.provenance import provenance
 
-    import saema
-
-    return {"saema_version": saema.__version__, "git_commit": git_commit(),
-            "date_modified": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    stamp = provenance()
+    return {"saema_version": stamp["saema_version"], "git_commit": stamp["git_commit"],
+            "date_modified": stamp["created"]}
