@@ -27,7 +27,7 @@ from flows.config import (
 from flows.pipeline import STAGES, saema_models, saema_pipeline
 from flows.preflight import preflight
 from flows.run_labels import config_tags, run_label
-from flows.summary import publish_run_summary
+from flows.summary import publish_run_summary, run_cells
 from storage.corpus import DEFAULT_CORPUS
 from storage.model_spec import DEFAULT_MODEL, model_label
 
@@ -139,5 +139,4 @@ def scheduled_pipeline(
     else:
         saema_models(configs, stages=stages)
     report = f"{out.rstrip('/')}/report.html" if "report" in stages else None
-    publish_run_summary(out, [(cfg.extract.model.label, hook) for cfg in configs for hook in cfg.extract.hooks],
-                        report)
+    publish_run_summary(out, run_cells(configs), report)

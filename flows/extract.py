@@ -7,9 +7,9 @@ from prefect import flow
 from flows.config import ExtractConfig
 from saema_core.hooks import parse_hook
 from storage.activation_store import activation_store_url, ensure_output_dir
+from storage.concept_sources import resolve_concepts
 from storage.metadata import consolidate
 from storage.models import load_model
-from storage.concept_sources import resolve_concepts
 from tasks.extract import ActivationRef, extract_concept, extract_corpus
 
 

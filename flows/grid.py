@@ -15,8 +15,8 @@ from prefect import flow
 from prefect.futures import as_completed
 
 from flows.dask_runner import dask_runner
-from tasks.causal import causal_cell
 from tasks.caching import cached, cached_results, pending_cells, remember_results
+from tasks.causal import causal_cell
 from tasks.intervention import intervention_cell
 from tasks.progress import StageProgress
 from tasks.stratify import stratify_cells

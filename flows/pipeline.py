@@ -19,7 +19,7 @@ from flows.run_labels import config_tags, models_run_name, pipeline_run_name, st
 from flows.sae import sae_flow
 from flows.stratify import stratify_flow
 from flows.structure import structure_flow
-from flows.summary import publish_run_summary
+from flows.summary import publish_run_summary, run_cells
 from storage.activation_store import activation_store_url, concept_prompt_set
 from storage.report import report_is_current, write_report
 from storage.results import read_group, recorded_run
@@ -41,7 +41,7 @@ def saema_pipeline(cfg: PipelineConfig = PipelineConfig(), stages: tuple[str, ..
     with recorded_run(ex.out, record):  # a failed run stays recorded until a re-run completes it
         _run_stages(cfg, stages)
     report = _report(ex.out) if "report" in stages else None
-    publish_run_summary(ex.out, [(ex.model.label, hook) for hook in ex.hooks], report)
+    publish_run_summary(ex.out, run_cells([cfg]), report)
 
 
 def _report(out: str) -> str:
@@ -64,8 +64,7 @@ def saema_models(configs: list[PipelineConfig], stages: tuple[str, ...] = STAGES
             saema_pipeline(cfg, stages=each)
     for out in dict.fromkeys(cfg.extract.out for cfg in configs):
         report = _report(out) if "report" in stages else None
-        publish_run_summary(out, [(cfg.extract.model.label, hook) for cfg in configs if cfg.extract.out == out
-                                  for hook in cfg.extract.hooks], report)
+        publish_run_summary(out, run_cells([cfg for cfg in configs if cfg.extract.out == out]), report)
 
 
 def differing_concepts(out: str, model: str, hook: str, concepts: tuple[str, ...]) -> list[str]:

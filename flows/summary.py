@@ -54,6 +54,11 @@ def key_plots(out: str, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str
     return plots
 
 
+def run_cells(configs) -> list[tuple[str, str]]:
+    """The (model, hook) pairs a run of these `PipelineConfig`s analyses, in order."""
+    return [(cfg.extract.model.label, hook) for cfg in configs for hook in cfg.extract.hooks]
+
+
 def publish_run_summary(out: str, pairs: Sequence[tuple[str, str]], report: str | None) -> None:
     """Findings, key plots and the report link of (model, hook) `pairs`, on the top-level run only
     (a subflow's summary would sit where nobody looks; its parent publishes the whole run's)."""
