@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING
 
 from storage.corpus import DEFAULT_CORPUS
@@ -150,13 +150,19 @@ class SAEStageConfig:
     holdout_fraction: float = 0.05
     """Share of the corpus (its last chunks) held out of training for evaluation."""
     train_dense: bool = True
-    """Also train the dense autoencoder of the same width, the control of DESIGN.md §5.6."""
+    """Also train the dense autoencoder, the control of DESIGN.md §5.6."""
+    dense_width: int | None = None
+    """Latents of the dense control; None = the width of the hook's SAE (a loaded checkpoint's d_sae,
+    else expansion × d_model). Its latents have rank ≤ d_model + 1 at any width, but its training costs
+    grow with the width: a narrower control trains faster and tests the same thing less literally."""
     checkpoints: tuple[tuple[str, str], ...] = ()
     """(hook, folder) pairs of SAEs to load instead of training (SAELens, dictionary_learning, sparsify)."""
 
     def __post_init__(self) -> None:
         if self.architecture not in ("topk", "standard"):
             raise ValueError(f"architecture must be topk or standard to train, got {self.architecture!r}")
+        if self.dense_width is not None and self.dense_width < 1:
+            raise ValueError(f"dense_width must be ≥ 1 (or None: the SAE's width), got {self.dense_width}")
         for name in ("expansion", "k", "n_steps", "batch_size", "dead_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
@@ -350,6 +356,10 @@ class PipelineConfig:
         if address and out.startswith("memory://"):
             raise ValueError(f"--out {out} lives in this process's memory, which the Dask workers of {address} "
                              f"cannot see; write to a folder or an object store, or drop --dask-address")
+        if not self.sae.train_dense:  # --no-dense: every stage runs without the control
+            for name in ("stratify", "structure"):
+                stage = getattr(self, name)
+                object.__setattr__(self, name, replace(stage, spaces=tuple(s for s in stage.spaces if s != "dense_ae")))
         unused = [hook for hook, _ in self.sae.checkpoints if hook not in self.extract.hooks]
         if unused:
             raise ValueError(f"--sae names hooks that are not analysed: {', '.join(unused)}; analysed hooks: "

@@ -87,6 +87,7 @@ def scheduled_pipeline(
     sae_batch_size: int = SAEStageConfig.batch_size,
     seed: int = SAEStageConfig.seed,
     no_dense: bool = False,
+    dense_width: int | None = SAEStageConfig.dense_width,
     sae: tuple[str, ...] = (),
     noise_levels: tuple[float, ...] = StratifyConfig.noise_levels,
     replicates: int = StratifyConfig.replicates,

@@ -84,8 +84,12 @@ def sae_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: tuple[
     `model` (default: `model_name` with default loading options) loads the LM-head checkpoint for the
     spliced-in CE loss; pass the extraction's spec so dtype, device and trust_remote_code match.
     """
-    kinds = [k for k in SAE_KINDS if k == "sae" or cfg.train_dense]
-    refs = [train_or_load_sae(out, model_name, hook, kind, cfg) for hook in hooks for kind in kinds]
+    refs = []
+    for hook in hooks:
+        refs.append(train_or_load_sae(out, model_name, hook, "sae", cfg))
+        if cfg.train_dense:  # the control has the SAE's width unless the user set another
+            width = cfg.dense_width or refs[-1].d_sae
+            refs.append(train_or_load_sae(out, model_name, hook, "dense_ae", cfg, width=width))
     for ref in refs:
         for concept in concepts:
             encode_concept(out, model_name, concept, ref)

@@ -128,7 +128,10 @@ def _add_sae_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sae-batch-size", type=int, default=defaults.batch_size,
                        help="tokens per training step (default: %(default)s)")
     group.add_argument("--seed", type=int, default=defaults.seed, help="training seed (default: %(default)s)")
-    group.add_argument("--no-dense", action="store_true", help="skip the dense autoencoder control")
+    group.add_argument("--no-dense", action="store_true",
+                       help="skip the dense autoencoder control in every stage (the report says it is missing)")
+    group.add_argument("--dense-width", type=int, default=defaults.dense_width, metavar="N",
+                       help="latents of the dense control (default: the width of the hook's SAE)")
     group.add_argument("--sae", action="append", default=[], metavar="HOOK=PATH",
                        help="load this SAE checkpoint for HOOK instead of training (repeatable)")
 
@@ -142,7 +145,7 @@ def sae_config(args: argparse.Namespace) -> SAEStageConfig:
         pairs.append((hook, path))
     return SAEStageConfig(architecture=args.arch, expansion=args.expansion, k=args.k, n_steps=args.steps,
                           batch_size=args.sae_batch_size, seed=args.seed, train_dense=not args.no_dense,
-                          checkpoints=tuple(pairs))
+                          dense_width=args.dense_width, checkpoints=tuple(pairs))
 
 
 def _add_stratify_options(parser: argparse.ArgumentParser) -> None:

@@ -36,6 +36,9 @@ CLAIMS = {
 }
 VERDICTS = ("supported", "not supported", "not informative", "not tested")
 MIN_CONCEPTS = 3  # concepts with evidence needed before a claim is read at all
+NO_DENSE = "the dense-AE control was not run (--no-dense)"
+NO_DENSE_CAVEAT = (f"; caveat: {NO_DENSE}, so this verdict cannot tell sparsity from any learned encoder of "
+                   f"this width")
 
 
 class Finding(NamedTuple):
@@ -114,7 +117,16 @@ def stratification_findings(ds: xr.Dataset) -> list[Finding]:
             rows.append(finding._replace(why=finding.why + caveat) if finding.verdict == "supported" else finding)
         else:
             rows.append(_control_stratification(space, c, informative, numbers))
-    return rows
+    return _without_dense_control("stratification", rows, spaces)
+
+
+def _without_dense_control(claim: str, rows: list[Finding], spaces: list[str]) -> list[Finding]:
+    """`rows` as they are when the dense control ran; else its row says `not tested` and the SAE row
+    carries the caveat that sparsity was not told apart from a dense encoder."""
+    if "dense_ae" in spaces or "latent" not in spaces:
+        return rows
+    rows = [f._replace(why=f.why + NO_DENSE_CAVEAT) if f.space == "latent" else f for f in rows]
+    return rows + [Finding(claim, "dense_ae", "not tested", NO_DENSE, "")]
 
 
 def _sae_stratification(c: dict, counts: dict, informative: int, numbers: str) -> Finding:
@@ -181,7 +193,7 @@ def structure_findings(ds: xr.Dataset) -> list[Finding]:
         f = rows["latent"][0]
         rows["latent"] = (f._replace(verdict="not informative",
                                      why="the dense-AE control changes the same way: not specific to sparsity"), True)
-    return [rows[s][0] for s in spaces]
+    return _without_dense_control("local_global", [rows[s][0] for s in spaces], [str(s) for s in ds.space.values])
 
 
 def _slope_text(ds: xr.Dataset, objective: str, kind: str) -> str:

@@ -41,19 +41,21 @@ class SAERef:
     kind: str  # "sae" | "dense_ae"
     hash: str
     hook: str
+    d_sae: int = 0
+    """Number of latents (0: not recorded)."""
 
 
-def sae_id(cfg: SAEStageConfig, kind: str, d_model: int) -> str:
-    width = cfg.expansion * d_model
+def sae_id(cfg: SAEStageConfig, kind: str, width: int) -> str:
     if kind == "dense_ae":
         return f"dense-w{width}-s{cfg.seed}"
     k = f"-k{cfg.k}" if cfg.architecture == "topk" else ""
     return f"{cfg.architecture}-w{width}{k}-s{cfg.seed}"
 
 
-def _training_key(cfg: SAEStageConfig, kind: str, corpus_hash: str, model_revision: str) -> str:
-    fields = {k: v for k, v in asdict(cfg).items() if k not in ("checkpoints", "train_dense")}
-    return config_hash({**fields, "kind": kind, "corpus": corpus_hash, "model": model_revision})
+def _training_key(cfg: SAEStageConfig, kind: str, width: int, corpus_hash: str, model_revision: str) -> str:
+    fields = {k: v for k, v in asdict(cfg).items() if k not in ("checkpoints", "train_dense", "dense_width")}
+    dense = {"width": width} if kind == "dense_ae" else {}  # the SAE's own width is expansion × d_model
+    return config_hash({**fields, **dense, "kind": kind, "corpus": corpus_hash, "model": model_revision})
 
 
 def cached_sae(folder: str, key: str) -> SAE | None:
@@ -65,9 +67,9 @@ def cached_sae(folder: str, key: str) -> SAE | None:
     return load_sae(folder) if metadata.get("saema_training_key") == key else None
 
 
-def _train(cfg: SAEStageConfig, kind: str, url: str, hook: str, d_model: int, metadata: dict) -> tuple:
+def _train(cfg: SAEStageConfig, kind: str, url: str, hook: str, d_model: int, width: int, metadata: dict) -> tuple:
     architecture = "dense" if kind == "dense_ae" else cfg.architecture
-    sae_cfg = training_sae_config(d_model, cfg.expansion * d_model, architecture, cfg.k, metadata)
+    sae_cfg = training_sae_config(d_model, width, architecture, cfg.k, metadata)
     train_cfg = TrainingConfig(n_steps=cfg.n_steps, batch_size=cfg.batch_size, seed=cfg.seed,
                                dead_tokens_threshold=cfg.dead_tokens)
     regions, _ = store.corpus_chunks(url, hook, cfg.holdout_fraction)
@@ -79,8 +81,12 @@ def _train(cfg: SAEStageConfig, kind: str, url: str, hook: str, d_model: int, me
 
 
 @task(name="train-or-load-sae", task_run_name="sae {kind} {hook}", cache_policy=NO_CACHE)
-def train_or_load_sae(out: str, model_name: str, hook: str, kind: str, cfg: SAEStageConfig) -> SAERef:
-    """The user's checkpoint for this hook, a cached SAE with the same training key, or a new one."""
+def train_or_load_sae(out: str, model_name: str, hook: str, kind: str, cfg: SAEStageConfig,
+                      width: int | None = None) -> SAERef:
+    """The user's checkpoint for this hook, a cached SAE with the same training key, or a new one.
+
+    `width`: latents of the SAE to train (default expansion × d_model); the flow passes the dense
+    control the width of the hook's SAE (`SAEStageConfig.dense_width` overrides it)."""
     url = store.activation_store_url(out, model_name)
     corpus = store.open_activations(url, hook)
     d_model = corpus.sizes["d_model"]
@@ -88,17 +94,18 @@ def train_or_load_sae(out: str, model_name: str, hook: str, kind: str, cfg: SAES
     if user_path:
         user_path = resolve_checkpoint(user_path)  # a SAELens release name → its cached folder
         sae = load_sae(user_path, expected_d_in=d_model)
-        return SAERef(str(user_path), basename(str(user_path)), kind, sae_hash(sae), hook)
-    key = _training_key(cfg, kind, corpus.attrs["content_hash"], corpus.attrs["model_revision"])
-    folder = canonical(join(out, "saes", model_slug(model_name), hook, sae_id(cfg, kind, d_model)))
+        return SAERef(str(user_path), basename(str(user_path)), kind, sae_hash(sae), hook, sae.cfg.d_sae)
+    width = width or cfg.expansion * d_model
+    key = _training_key(cfg, kind, width, corpus.attrs["content_hash"], corpus.attrs["model_revision"])
+    folder = canonical(join(out, "saes", model_slug(model_name), hook, sae_id(cfg, kind, width)))
     sae = cached_sae(folder, key)
     if sae is None:
         metadata = provenance(model_name=model_name, hook_name=hook, saema_training_key=key,
                               corpus_hash=corpus.attrs["content_hash"])
-        sae, history = _train(cfg, kind, url, hook, d_model, metadata)
+        sae, history = _train(cfg, kind, url, hook, d_model, width, metadata)
         save_sae(sae, folder)
         write_text(join(folder, "training_history.json"), json.dumps(history.as_dict()))
-    return SAERef(folder, basename(folder), kind, sae_hash(sae), hook)
+    return SAERef(folder, basename(folder), kind, sae_hash(sae), hook, sae.cfg.d_sae)
 
 
 def _encode(sae: SAE, x: np.ndarray) -> np.ndarray:

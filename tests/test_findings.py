@@ -48,6 +48,14 @@ def test_sae_stratified_and_controls_flat_is_supported():
     assert "deficit" in rows["latent"].numbers and "genuine rank deficit" in rows["latent"].why
 
 
+def test_without_the_dense_control_its_row_is_not_tested_and_the_sae_row_says_so():
+    ds = _stratification({"latent": [10, 20, 30], "resid": [8, 8, 8], "dense_ae": [8, 9, 9]})
+    rows = _by_space(stratification_findings(ds.sel(space=["resid", "latent"])))
+    assert rows["latent"].verdict == "supported" and "--no-dense" in rows["latent"].why
+    assert rows["dense_ae"].verdict == "not tested" and "--no-dense" in rows["dense_ae"].why
+    assert "--no-dense" not in _by_space(stratification_findings(ds))["latent"].why
+
+
 def test_a_stratified_control_makes_the_sae_verdict_not_informative():
     ds = _stratification({"latent": [10, 20, 30], "resid": [8, 12, 16], "dense_ae": [8, 8, 8]})
     rows = _by_space(stratification_findings(ds))

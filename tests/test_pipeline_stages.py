@@ -57,6 +57,45 @@ def test_sae_stage_writes_checkpoints_latents_and_eval(pipeline_run):
     assert csr.shape == (ds.sizes["token"], 4 * 32) and (np.diff(csr.indptr) <= 8).all()
 
 
+def test_no_dense_runs_every_stage_without_the_control_and_the_findings_say_it_is_missing(pipeline_run, tmp_path):
+    cfg = replace(pipeline_run, extract=replace(pipeline_run.extract, out=str(tmp_path / "out")),
+                  sae=replace(pipeline_run.sae, train_dense=False))
+    assert "dense_ae" not in cfg.stratify.spaces + cfg.structure.spaces
+    saema_pipeline(cfg, stages=("extract", "sae", "stratify", "structure"))
+    out = cfg.extract.out
+    assert set(read_group(out, "sae_eval").sae.values) == {"sae"}
+    for group in ("stratification", "structure"):
+        assert set(read_group(out, group).space.values) == {"resid", "latent"}
+    findings = read_group(out, "findings").sel(space="dense_ae")
+    assert set(findings["verdict"].sel(claim=["stratification", "local_global"]).values.ravel()) == {"not tested"}
+    assert (findings["why"].sel(claim="stratification") == "the dense-AE control was not run (--no-dense)").all()
+
+
+def test_the_dense_control_has_the_width_of_the_hook_sae_unless_set(pipeline_run, tmp_path):
+    import shutil
+
+    from flows.sae import sae_flow
+    import torch
+
+    from saema_core.sae import build_sae
+    from saema_core.sae_training import training_sae_config
+    from storage.sae_checkpoints import save_sae
+
+    out = shutil.copytree(pipeline_run.extract.out, tmp_path / "out")
+    sae = build_sae(training_sae_config(32, 48, "topk", 8))
+    with torch.no_grad():
+        sae.W_enc.normal_(generator=torch.Generator().manual_seed(0))
+        sae.W_dec.copy_(sae.W_enc.T)
+    checkpoint = save_sae(sae, tmp_path / "sae-w48")
+    cfg = replace(pipeline_run.sae, n_steps=3, checkpoints=((HOOK, str(checkpoint)),))
+    spec = pipeline_run.extract.model
+    refs = {ref.kind: ref for ref in sae_flow(str(out), spec.label, (HOOK,), ("days",), cfg, spec)}
+    assert refs["sae"].d_sae == refs["dense_ae"].d_sae == 48 and refs["dense_ae"].sae_id == "dense-w48-s0"
+    narrow = replace(cfg, dense_width=16)
+    refs = {ref.kind: ref for ref in sae_flow(str(out), spec.label, (HOOK,), ("days",), narrow, spec)}
+    assert refs["dense_ae"].d_sae == 16 and refs["dense_ae"].sae_id == "dense-w16-s0"
+
+
 def test_stratification_results_and_verdicts(pipeline_run):
     out = pipeline_run.extract.out
     ds = read_group(out, "stratification")
