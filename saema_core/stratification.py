@@ -87,7 +87,7 @@ __all__ = [
     "validate_replicates",
 ]
 
-Encoder = Callable[[np.ndarray], np.ndarray]
+Encoder = Callable[[np.ndarray], np.ndarray | sp.sparray]
 
 VERDICTS = ("stratified", "not stratified", "saturated")
 
@@ -227,10 +227,12 @@ def _check_parameters(sigma: float, scale: float, modes: Sequence[str], cell: st
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}{_where(cell)}")
 
 
-def _encoded(encode: Encoder, tokens: np.ndarray, cell: str) -> np.ndarray:
-    """encode(tokens (n, d)) as a finite numpy (n, K) array, or a ValueError naming the cell."""
+def _encoded(encode: Encoder, tokens: np.ndarray, cell: str) -> np.ndarray | sp.sparray:
+    """encode(tokens (n, d)) as a finite (n, K) array — numpy, or scipy sparse when the encoder returns
+    one (SAE codes, `saema_core.sae.sparse`) — or a ValueError naming the cell."""
     try:
-        latents = np.asarray(encode(tokens))
+        latents = encode(tokens)
+        latents = latents if sp.issparse(latents) else np.asarray(latents)
     except Exception as error:
         error.add_note(f"raised by the encoder{_where(cell)}")  # re-raised, with the cell named
         raise
@@ -238,7 +240,7 @@ def _encoded(encode: Encoder, tokens: np.ndarray, cell: str) -> np.ndarray:
         raise ValueError(
             f"encoder must map (n={tokens.shape[0]}, d) to (n, K), got {latents.shape}{_where(cell)}"
         )
-    if not np.all(np.isfinite(latents)):
+    if not np.all(np.isfinite(latents.data if sp.issparse(latents) else latents)):
         raise ValueError(f"latents contain NaN or inf{_where(cell)}")
     return latents
 

@@ -29,14 +29,20 @@ def latent_group(concept: str, hook: str, sae_id: str) -> str:
     return f"{concept}/{hook}/{sae_id}"
 
 
-def to_pairs(latents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Dense (tokens, d_sae) latents → (index, value) arrays (tokens, max active), -1 padded."""
-    active = latents != 0
-    width = max(int(active.sum(axis=1).max(initial=0)), 1)
-    order = np.argsort(~active, axis=1, kind="stable")[:, :width]
-    values = np.take_along_axis(latents, order, axis=1)
-    index = np.where(np.take_along_axis(active, order, axis=1), order, -1).astype(np.int32)
-    return index, np.where(index >= 0, values, 0).astype(np.float32)
+def pairs_of_csr(csr: sp.sparray | sp.spmatrix) -> tuple[np.ndarray, np.ndarray]:
+    """Sparse (tokens, d_sae) latents → (index, value) arrays (tokens, max active), without densifying:
+    each token's nonzeros in ascending latent order, -1 / 0 padded to the most active token."""
+    csr = sp.csr_array(csr)
+    csr.eliminate_zeros()
+    csr.sort_indices()
+    counts = np.diff(csr.indptr)
+    width = max(int(counts.max(initial=0)), 1)
+    rows = np.repeat(np.arange(csr.shape[0]), counts)
+    slots = np.arange(csr.nnz) - np.repeat(csr.indptr[:-1], counts)
+    index = np.full((csr.shape[0], width), -1, dtype=np.int32)
+    values = np.zeros((csr.shape[0], width), dtype=np.float32)
+    index[rows, slots], values[rows, slots] = csr.indices, csr.data
+    return index, values
 
 
 def to_csr(index: np.ndarray, values: np.ndarray, d_sae: int) -> sp.csr_matrix:

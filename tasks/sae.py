@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.config import SAEStageConfig
 from saema_core.sae import SAE
+from saema_core.sae.sparse import chunk_rows, encode_csr
 from saema_core.sae_metrics import ReconstructionMetricsAccumulator
 from saema_core.sae_training import TrainingConfig, train_sae, training_sae_config
 from saema_core.splice import CELossConfig, spliced_ce_losses
@@ -26,7 +27,6 @@ from storage.sae_releases import resolve_checkpoint
 from tasks.progress import StageProgress
 
 SAE_KINDS = ("sae", "dense_ae")
-ENCODE_BATCH = 4096
 CE_SEQUENCES = 32  # held-out corpus sequences for the spliced-in CE loss: 3 forwards each
 #: SAELens names: the score, then the loss without the SAE, with it spliced in, with the hook zeroed.
 CE_LOSS_NAMES = ("ce_loss_score", "ce_loss_without_sae", "ce_loss_with_sae", "ce_loss_with_ablation")
@@ -108,12 +108,6 @@ def train_or_load_sae(out: str, model_name: str, hook: str, kind: str, cfg: SAES
     return SAERef(folder, basename(folder), kind, sae_hash(sae), hook, sae.cfg.d_sae)
 
 
-def _encode(sae: SAE, x: np.ndarray) -> np.ndarray:
-    with torch.inference_mode():
-        return np.concatenate([sae.encode(torch.from_numpy(x[i : i + ENCODE_BATCH])).numpy()
-                               for i in range(0, max(len(x), 1), ENCODE_BATCH)])
-
-
 @task(name="encode-concept", task_run_name="encode {concept} {ref.hook} {ref.kind}", cache_policy=NO_CACHE)
 def encode_concept(out: str, model_name: str, concept: str, ref: SAERef) -> str:
     """Latents of a concept's analysed tokens → the latent store; skipped when already there."""
@@ -122,7 +116,7 @@ def encode_concept(out: str, model_name: str, concept: str, ref: SAERef) -> str:
     url, group = latent_store.latent_store_url(out, model_name), latent_store.latent_group(concept, ref.hook, ref.sae_id)
     if latent_store.latents_key(url, group) != key:
         mask, sae = acts["mask"].values, load_sae(ref.path)
-        index, values = latent_store.to_pairs(_encode(sae, acts.resid.values[mask]))
+        index, values = latent_store.pairs_of_csr(encode_csr(sae, acts.resid.values[mask]))
         coords = {name: acts[name].values[mask] for name in ("prompt_id", "position", "token_id", "token_str")}
         attrs = provenance(model=model_name, hook=ref.hook, concept=concept, sae_id=ref.sae_id,
                            sae_hash=ref.hash, sae_kind=ref.kind, d_sae=sae.cfg.d_sae,
@@ -144,11 +138,13 @@ def evaluate_sae(out: str, model_name: str, ref: SAERef, holdout_fraction: float
     sae = load_sae(ref.path)
     _, held_out = store.corpus_chunks(url, ref.hook, holdout_fraction)
     metrics = ReconstructionMetricsAccumulator(sae.cfg.d_sae)
+    rows = chunk_rows(sae.cfg.d_sae)  # tokens × d_sae latents held at once stay within a fixed budget
     with torch.inference_mode():
         for region in held_out:
-            x = torch.from_numpy(store.read_region(url, ref.hook, region))
-            latents, reconstruction = sae(x)
-            metrics.update(x, reconstruction, latents)
+            tokens = torch.from_numpy(store.read_region(url, ref.hook, region))
+            for x in tokens.split(rows):
+                latents, reconstruction = sae(x)
+                metrics.update(x, reconstruction, latents)
     result = metrics.compute()
     values = {name: float(getattr(result, name)) for name in
               ("mse", "explained_variance", "cossim", "l0", "l1", "dead_fraction", "dense_fraction", "n_tokens")}

@@ -11,12 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from saema_core.noise import derive_seed, noise_scale
 from saema_core.ranks import ESTIMATORS, MODES
+from saema_core.sae.sparse import encode_csr
 from saema_core.strata import support_strata
 from saema_core.stratification import analyse_cell
 from storage import activation_store as store
@@ -46,11 +48,15 @@ def prompt_tensor(out: str, model_name: str, hook: str, concept: str) -> tuple[n
     return x, ds["mask"].values.reshape(n_prompts, -1)
 
 
-def encoder_for(space: str, sae_path: str | None) -> Callable[[np.ndarray], np.ndarray]:
-    """The map of a space: identity (resid), or the encoder of the SAE / dense AE at `sae_path`."""
+def encoder_for(space: str, sae_path: str | None) -> Callable[[np.ndarray], np.ndarray | sp.csr_array]:
+    """The map of a space: identity (resid), the SAE's encoder as CSR, encoded a bounded chunk of
+    tokens at a time (`saema_core.sae.sparse`), or the dense AE's encoder (dense by nature; its
+    latent-mode rank comes from the affine factor, see `affine_weights`)."""
     if space == "resid":
         return lambda x: x
     sae = load_sae(sae_path)
+    if sae.cfg.architecture != "dense":
+        return lambda x: encode_csr(sae, x)
 
     def encode(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

@@ -194,6 +194,33 @@ def test_encode_topk_gives_the_dense_latents_as_pairs():
     torch.testing.assert_close(dense, sae.encode(x))
 
 
+@settings(max_examples=25, deadline=None)
+@given(architecture=st.sampled_from(ARCHITECTURES), n=st.integers(0, 40), budget=st.integers(1, 200),
+       seed=st.integers(0, 2**16), normalize=st.sampled_from(["none", "constant_norm_rescale"]))
+def test_encode_csr_equals_encode_in_any_chunking(architecture, n, budget, seed, normalize):
+    from saema_core.sae.sparse import encode_csr
+
+    sae = random_sae(build_cfg(architecture=architecture, normalize_activations=normalize), seed=seed % 7)
+    x = np.random.default_rng(seed).normal(size=(n, 6)).astype(np.float32)
+    csr = encode_csr(sae, x, max_elements=budget)
+    dense = sae.encode(torch.from_numpy(x)).detach().numpy()
+    assert csr.shape == (n, 10) and csr.has_canonical_format
+    np.testing.assert_array_equal(csr.toarray(), dense)
+    assert csr.nnz == np.count_nonzero(dense)  # no stored zeros
+
+
+def test_latent_store_pairs_of_a_csr_round_trip():
+    import scipy.sparse as sp
+
+    from storage.latent_store import pairs_of_csr, to_csr
+
+    dense = np.array([[0, 2.0, 0, 1.0], [0, 0, 0, 0], [3.0, 0, 0, 0]], dtype=np.float32)
+    index, values = pairs_of_csr(sp.csr_array(dense))
+    np.testing.assert_array_equal(index, [[1, 3], [-1, -1], [0, -1]])
+    np.testing.assert_array_equal(values, [[2, 1], [0, 0], [3, 0]])
+    np.testing.assert_array_equal(to_csr(index, values, 4).toarray(), dense)
+
+
 def test_dense_latents_are_dense():
     sae = random_sae(build_cfg(architecture="dense"))
     z = sae.encode(torch.randn(50, 6))
