@@ -276,11 +276,13 @@ def _active_columns_of_mode(code: LatentCode, group: np.ndarray) -> int:
     return int(np.logical_or.reduceat(code.tokens[order] != 0, starts, axis=0).sum())
 
 
-def _mode_eigenvalues(code: LatentCode, mode: Mode, n_active: int) -> tuple[np.ndarray, int]:
+def _mode_eigenvalues(code: LatentCode, mode: Mode, n_active: int,
+                      gram_code: LatentCode | None = None) -> tuple[np.ndarray, int]:
     """Eigenvalues of S(mode) on its active rows (descending, ≥ 0) and the number of active rows.
 
     Latent mode: the smaller Gram of the active (token × latent) block. Prompt and position modes:
-    S itself, built from same-position / same-prompt token pairs, never from the unfolding."""
+    S itself, built from same-position / same-prompt token pairs, never from the unfolding — from the
+    token dot products of `gram_code` when given (a narrower code with the same token Gram)."""
     if mode == "latent":
         active = _active_block(code.tokens)
         eigenvalues = _eigvalsh(_smaller_gram(active))
@@ -290,7 +292,7 @@ def _mode_eigenvalues(code: LatentCode, mode: Mode, n_active: int) -> tuple[np.n
         rows = code.token_rows()
         prompt, position = rows // T, rows % T
         group, index, size = (position, prompt, P) if mode == "prompt" else (prompt, position, T)
-        S = _grouped_gram(code, group, index, size)
+        S = _grouped_gram(code if gram_code is None else gram_code, group, index, size)
         active = np.flatnonzero(np.diag(S) > 0)
         eigenvalues = np.sort(_block_eigenvalues(S[np.ix_(active, active)]))[::-1]
         if n_active < active.size:  # else the unfolding has at least as many active columns as rows
@@ -341,22 +343,32 @@ def _check_finite(code: LatentCode) -> None:
 
 
 class AffineMap(NamedTuple):
-    """An affine encoder z = x @ weight + bias (the dense-AE control), with the inputs it encoded."""
+    """An affine encoder z = x @ weight + bias (the dense-AE control), with the inputs it encoded.
+
+    `factor`: `affine_factor(weight, bias)`, computed once per encoder and passed to every cell (else
+    computed here)."""
 
     inputs: np.ndarray  # (n, d), the analysed tokens in the code's row order
     weight: np.ndarray  # (d, K)
     bias: np.ndarray  # (K,)
+    factor: np.ndarray | None = None  # (d + 1, r)
 
 
-def _affine_latent_eigenvalues(affine: AffineMap) -> np.ndarray:
-    """Eigenvalues of S(latent) for Z = X W + b, via [X, 1] = QR: Z = Q (R M) with M = [W; b], so Z's
-    singular values are R M's, a (d + 1) × K matrix — no n × n or K × K Gram (exact in exact
-    arithmetic; in floating point, round-off of order eps·‖Z‖ like the direct route)."""
+def affine_factor(weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """F = U Σ of the thin SVD M = [W; b] = U Σ Vᵀ ((d + 1) × K): then Z = [X, 1] M and Y = [X, 1] F have
+    the same Gram Z Zᵀ = Y Yᵀ (V has orthonormal columns), with r ≤ d + 1 columns instead of K."""
+    M = np.vstack([np.asarray(weight, np.float64), np.asarray(bias, np.float64)[None]])
+    U, s, _ = np.linalg.svd(M, full_matrices=False)
+    return U * s
+
+
+def _affine_code(code: LatentCode, affine: AffineMap) -> LatentCode:
+    """The code Y = [X, 1] F, whose token Gram equals the affine code's: every mode's S(n) from (d + 1)
+    columns instead of K (exact in exact arithmetic; round-off of order eps·‖Z‖², like the direct route)."""
     inputs = np.asarray(affine.inputs, dtype=np.float64)
+    factor = affine.factor if affine.factor is not None else affine_factor(affine.weight, affine.bias)
     lifted = np.hstack([inputs, np.ones((inputs.shape[0], 1))])
-    R = np.linalg.qr(lifted, mode="r")
-    M = np.vstack([np.asarray(affine.weight, np.float64), np.asarray(affine.bias, np.float64)[None]])
-    return np.clip(_eigvalsh(_smaller_gram(R @ M))[::-1], 0.0, None)
+    return code._replace(tokens=lifted @ factor)
 
 
 def sspd_spectrum(Z: np.ndarray | LatentCode, mode: Mode, affine: AffineMap | None = None) -> SpectrumResult:
@@ -365,16 +377,19 @@ def sspd_spectrum(Z: np.ndarray | LatentCode, mode: Mode, affine: AffineMap | No
     `Z` is a dense `(P, T, K)` latent tensor (masked positions already 0) or its `LatentCode`.
     Never builds a K×K matrix: the latent mode uses the smaller Gram of the active block, the prompt
     and position modes build S (P×P, T×T) from token pairs and split it into independent blocks.
-    `affine`: the code is `inputs @ weight + bias` (the dense AE); its latent mode then comes from
-    a (d + 1)-sized factor instead of the n × n Gram.
+    `affine`: the code is `inputs @ weight + bias` (the dense AE); every mode then works on the
+    (d + 1)-column code Y = [X, 1] F of the same token Gram (`affine_factor`) instead of the K columns.
     """
     code = Z if isinstance(Z, LatentCode) else latent_code(Z)
     _check_finite(code)
     n_active, n_tokens = _active_counts(code)
-    if mode == "latent" and affine is not None:  # an affine code of the tokens (the dense AE)
-        eigenvalues, n_rows = _affine_latent_eigenvalues(affine), n_tokens
-    else:
+    if affine is None:
         eigenvalues, n_rows = _mode_eigenvalues(code, mode, n_active)
+    elif mode == "latent":  # an affine code of the tokens (the dense AE): Z's spectrum is Y's
+        eigenvalues = np.clip(_eigvalsh(_smaller_gram(_affine_code(code, affine).tokens))[::-1], 0.0, None)
+        n_rows = n_tokens
+    else:
+        eigenvalues, n_rows = _mode_eigenvalues(code, mode, n_active, _affine_code(code, affine))
     P, T, K = code.shape
     shape = {"prompt": (P, T * K), "position": (T, P * K), "latent": (K, P * T)}[mode]
     return SpectrumResult(np.sqrt(eigenvalues), eigenvalues, n_active, n_tokens, shape, n_rows)

@@ -270,7 +270,7 @@ def analyse_cell(
     noisy = add_noise(x[mask], sigma, scale, seed)  # only analysed tokens are encoded
     latents = _encoded(encode, noisy, cell)
     code = latent_code_from_tokens(latents, mask)
-    weights = getattr(encode, "affine", None)  # (W, b) of an affine encoder: the dense AE
+    weights = getattr(encode, "affine", None)  # (W, b[, factor]) of an affine encoder: the dense AE
     affine = AffineMap(noisy, *weights) if weights is not None else None
     spectra = {mode: sspd_spectrum(code, mode, affine) for mode in modes}
     # The code is CSR for sparse latents: reading supports from it skips a second dense scan.

@@ -17,7 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from saema_core.noise import derive_seed, noise_scale
-from saema_core.ranks import ESTIMATORS, MODES
+from saema_core.ranks import ESTIMATORS, MODES, affine_factor
 from saema_core.sae.sparse import encode_csr
 from saema_core.strata import support_strata
 from saema_core.stratification import analyse_cell
@@ -66,15 +66,16 @@ def encoder_for(space: str, sae_path: str | None) -> Callable[[np.ndarray], np.n
     return encode
 
 
-def affine_weights(sae) -> tuple[np.ndarray, np.ndarray] | None:
-    """(W, b) with encode(x) = x @ W + b for the dense AE (no activation, no input rescaling), else None."""
+def affine_weights(sae) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(W, b, F) with encode(x) = x @ W + b for the dense AE (no activation, no input rescaling) and
+    F its `affine_factor`, computed once for every cell; else None."""
     if sae.cfg.architecture != "dense" or sae.input_scale(torch.ones(1, sae.cfg.d_in)) is not None:
         return None
     with torch.inference_mode():
         W, b = sae.W_enc.double(), sae.b_enc.double()
         if sae.cfg.apply_b_dec_to_input:
             b = b - sae.b_dec.double() @ W
-    return W.numpy(), b.numpy()
+    return W.numpy(), b.numpy(), affine_factor(W.numpy(), b.numpy())
 
 
 def _cell_rows(cell) -> dict[str, list]:

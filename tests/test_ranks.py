@@ -328,3 +328,7 @@ def test_affine_code_spectrum_equals_the_direct_route(on_hyperplane):
     n = int(rank_estimates(direct)["numerical"])
     np.testing.assert_allclose(factored.eigenvalues[:n], direct.eigenvalues[:n], rtol=1e-9)
     assert (factored.n_active, factored.n_tokens, factored.rank_bound) == (direct.n_active, direct.n_tokens, 60)
+    for mode in ("prompt", "position"):  # S(n) from the (d + 1)-column code of the same token Gram
+        direct, factored = sspd_spectrum(code, mode), sspd_spectrum(code, mode, AffineMap(X, W, b))
+        assert rank_estimates(factored)["numerical"] == rank_estimates(direct)["numerical"]
+        np.testing.assert_allclose(factored.eigenvalues, direct.eigenvalues, rtol=1e-9, atol=1e-9 * direct.eigenvalues[0])
