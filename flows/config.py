@@ -83,6 +83,9 @@ class ExtractConfig:
     """Corpus sequences per forward (one Zarr chunk)."""
     corpus_max_tokens: int | None = None
     """Corpus tokens to extract (the default corpus has about 2.3M)."""
+    corpus_dtype: str = "float32"
+    """How corpus activations are stored: float32, float16 or bfloat16 (half the disk; read back as
+    float32). Concept activations stay float32."""
     refresh: bool = False
     """Recompute and overwrite groups even when they are complete or hold other inputs."""
 
@@ -101,6 +104,8 @@ class ExtractConfig:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.corpus_seq_len < 8:
             raise ValueError(f"corpus_seq_len must be ≥ 8, got {self.corpus_seq_len}")
+        if self.corpus_dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"corpus_dtype must be float32, float16 or bfloat16, got {self.corpus_dtype!r}")
         if not self.hooks:
             object.__setattr__(self, "hooks", default_hooks(self.model.label))
         for name in ("concept_contexts", "concept_window", "min_concept_tokens"):

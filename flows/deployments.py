@@ -79,6 +79,7 @@ def scheduled_pipeline(
     batch_size: int = ExtractConfig.batch_size,
     corpus_batch_size: int = ExtractConfig.corpus_batch_size,
     corpus_seq_len: int = ExtractConfig.corpus_seq_len,
+    corpus_dtype: str = ExtractConfig.corpus_dtype,
     refresh: bool = False,
     arch: str = SAEStageConfig.architecture,
     expansion: int = SAEStageConfig.expansion,

@@ -79,6 +79,8 @@ def _add_extract_options(parser: argparse.ArgumentParser) -> None:
                         help="corpus sequences per forward, one Zarr chunk (default: %(default)s)")
     parser.add_argument("--corpus-seq-len", type=int, default=ExtractConfig.corpus_seq_len,
                         help="tokens per corpus sequence (default: %(default)s)")
+    parser.add_argument("--corpus-dtype", default=ExtractConfig.corpus_dtype, choices=["float32", "float16", "bfloat16"],
+                        help="how corpus activations are stored; float16/bfloat16 halve the disk (default: %(default)s)")
     parser.add_argument("--refresh", action="store_true",
                         help="recompute and overwrite results that are already complete")
 
@@ -99,7 +101,7 @@ def extract_config(args: argparse.Namespace, model_name: str | None = None) -> E
                              shared_concept_contexts(args.model) if len(args.model) > 1 else None), concept_window=args.concept_window,
                          min_concept_tokens=args.min_concept_tokens, corpus=corpus, batch_size=args.batch_size,
                          corpus_max_tokens=args.corpus_max_tokens, corpus_batch_size=args.corpus_batch_size,
-                         corpus_seq_len=args.corpus_seq_len, refresh=args.refresh)
+                         corpus_seq_len=args.corpus_seq_len, corpus_dtype=args.corpus_dtype, refresh=args.refresh)
 
 
 def cmd_extract(args: argparse.Namespace) -> None:

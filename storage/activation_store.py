@@ -94,14 +94,38 @@ _STRING_COORDS = ("token_str", "item", "source", "concept")
 _WRITTEN_STRINGS = ("token_str", "item", "source")
 
 
-def _template(plan: BatchPlan, d_model: int, attrs: dict) -> xr.Dataset:
+#: How `resid` may be stored (`--corpus-dtype`; concept groups stay float32) → the Zarr array's dtype.
+#: bfloat16 has no Zarr data type: its bits (float32 rounded to nearest even, upper half) are stored as
+#: uint16 and widened back exactly on reading (`read_region`).
+RESID_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+
+
+def stored_resid(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 activations as the store holds them under `dtype` (a key of RESID_DTYPES)."""
+    if dtype != "bfloat16":
+        return np.asarray(values, dtype=RESID_DTYPES[dtype])
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def float32_resid(stored: np.ndarray) -> np.ndarray:
+    """Stored activations back as float32 (bfloat16 bits widened exactly)."""
+    if stored.dtype == np.uint16:
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(stored, dtype=np.float32)
+
+
+def _template(plan: BatchPlan, d_model: int, attrs: dict, dtype: str = "float32") -> xr.Dataset:
     """Lazy dataset with the final shapes; writing it with compute=False writes metadata only."""
     n, chunk = plan.n_tokens, plan.chunk_tokens
-    coords = {name: ("token", da.zeros(n, dtype=dtype, chunks=chunk)) for name, dtype in _NUMERIC_COORDS.items()}
-    resid = da.zeros((n, d_model), dtype=np.float32, chunks=(chunk, d_model))
+    coords = {name: ("token", da.zeros(n, dtype=kind, chunks=chunk)) for name, kind in _NUMERIC_COORDS.items()}
+    resid = da.zeros((n, d_model), dtype=RESID_DTYPES[dtype], chunks=(chunk, d_model))
     done = da.zeros(plan.n_batches, dtype=bool, chunks=1)
+    about = {"long_name": "residual stream activation", "units": "1"}
+    if dtype == "bfloat16":
+        about["storage"] = "bfloat16 bits as uint16: widen with (uint32(v) << 16) viewed as float32"
     data = {
-        "resid": (("token", "d_model"), resid, {"long_name": "residual stream activation", "units": "1"}),
+        "resid": (("token", "d_model"), resid, about),
         "batch_done": (("batch",), done, {"description": "True once the batch's rows are written"}),
     }
     return xr.Dataset(data, coords=coords, attrs=attrs)
@@ -113,8 +137,9 @@ def _template(plan: BatchPlan, d_model: int, attrs: dict) -> xr.Dataset:
 _PLAIN = ("resid", "batch_done", *_NUMERIC_COORDS)
 
 
-def _write_template(url: str, path: str, plan: BatchPlan, d_model: int, attrs: dict, concept: str) -> None:
-    _template(plan, d_model, attrs).to_zarr(url, group=path, mode="w", compute=False, consolidated=False,
+def _write_template(url: str, path: str, plan: BatchPlan, d_model: int, attrs: dict, concept: str,
+                    dtype: str = "float32") -> None:
+    _template(plan, d_model, attrs, dtype).to_zarr(url, group=path, mode="w", compute=False, consolidated=False,
                                             encoding={name: {"compressors": None} for name in _PLAIN})
     # Variable-length strings go straight through zarr: xarray would load a lazy object array
     # into memory to find its dtype, which is O(corpus) memory.
@@ -135,6 +160,8 @@ class GroupWriter:
     url: str
     path: str
     plan: BatchPlan
+    dtype: str = "float32"
+    """How `resid` is stored (a key of RESID_DTYPES)."""
 
     def __post_init__(self) -> None:
         self.group = zarr.open_group(self.url, path=self.path, mode="r+", use_consolidated=False)
@@ -177,7 +204,8 @@ def write_batch(parts: Sequence[tuple[GroupWriter, np.ndarray]], batch: TokenBat
     trip to Zarr's I/O loop (a synchronous `array[...] = v` costs a round trip each).
     """
     coords = batch.coords()
-    _write_parts([(writer, {"resid": resid, **{k: v for k, v in coords.items() if k in writer.arrays}})
+    _write_parts([(writer, {"resid": stored_resid(resid, writer.dtype),
+                            **{k: v for k, v in coords.items() if k in writer.arrays}})
                   for writer, resid in parts], batch.index)
     _write_parts([(writer, {"batch_done": np.ones(1, dtype=bool)}) for writer, _ in parts], batch.index)
 
@@ -191,13 +219,19 @@ def _write_parts(parts: list[tuple[GroupWriter, dict[str, np.ndarray]]], index: 
 
 
 def prepare_group(url: str, path: str, plan: BatchPlan, d_model: int, attrs: dict,
-                  concept: str = "", refresh: bool = False) -> GroupWriter:
-    """Create the group from its template, or reopen it; refuse a group written for other inputs."""
+                  concept: str = "", refresh: bool = False, dtype: str = "float32") -> GroupWriter:
+    """Create the group from its template, or reopen it; refuse a group written for other inputs.
+
+    `dtype`: how `resid` is stored (RESID_DTYPES); a stored group of another dtype is refused too."""
     root = zarr.open_group(url, mode="a", use_consolidated=False)
     if path in root and refresh:
         _delete_group(url, root, path)
     if path in root:
         found = root[path].attrs.get("content_hash")
+        stored = root[path].attrs.get("dtype", "float32")
+        if stored != dtype:
+            raise StoreError(f"{url}/{path} holds {stored} activations, this run asks for {dtype} (--corpus-dtype); "
+                             f"re-run with --refresh to replace them, or use another --out")
         if found != plan.content_hash:
             raise StoreError(
                 f"{url}/{path} holds activations of other inputs (content hash {found}, this run "
@@ -207,8 +241,8 @@ def prepare_group(url: str, path: str, plan: BatchPlan, d_model: int, attrs: dic
     else:
         full_attrs = {**attrs, "content_hash": plan.content_hash, "seq_len": plan.seq_len,
                       "batch_rows": plan.batch_rows}
-        _write_template(url, path, plan, d_model, full_attrs, concept)
-    return GroupWriter(url, path, plan)
+        _write_template(url, path, plan, d_model, full_attrs, concept, dtype)
+    return GroupWriter(url, path, plan, dtype)
 
 
 def _delete_group(url: str, root: zarr.Group, path: str) -> None:
@@ -302,7 +336,7 @@ def read_region(url: str, hook: str, region: slice, concept: str | None = None) 
     """Analysed-token activations (mask True) of one region, float32 (tokens, d_model)."""
     group = zarr.open_group(url, path=group_path(hook, concept), mode="r", use_consolidated=False)
     resid, mask = group["resid"][region], group["mask"][region]
-    return np.ascontiguousarray(resid[mask], dtype=np.float32)
+    return np.ascontiguousarray(float32_resid(resid[mask]))
 
 
 def training_batches(url: str, hook: str, regions: list[slice], batch_size: int, seed: int,

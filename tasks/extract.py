@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -47,13 +47,14 @@ def _writers(cfg: ExtractConfig, lm: LoadedModel, url: str, plan: BatchPlan, con
              about: dict | None = None):
     writers = {}
     for hook in cfg.hooks:
+        dtype = "float32" if concept is not None else cfg.corpus_dtype  # concept groups stay float32
         attrs = provenance(model=cfg.model.label, model_source=lm.source, model_revision=lm.revision, hook=hook,
-                           dtype="float32", model_dtype=cfg.model.dtype,
+                           dtype=dtype, model_dtype=cfg.model.dtype,
                            tokenizer=type(lm.tokenizer).__name__, architecture=lm.architecture,
                            split="corpus" if concept is None else "concepts",
                            concept=concept, corpus=cfg.corpus if concept is None else None, **(about or {}))
         writers[hook] = store.prepare_group(url, store.group_path(hook, concept), plan, lm.d_model,
-                                            attrs, concept=concept or "", refresh=cfg.refresh)
+                                            attrs, concept=concept or "", refresh=cfg.refresh, dtype=dtype)
     return writers
 
 
@@ -113,6 +114,8 @@ def extract_corpus(cfg: ExtractConfig) -> ActivationRef:
     store.open_store(url, _identity(cfg, lm))
     plan = corpus_plan(lm.tokenizer, cfg.corpus, cfg.corpus_seq_len, cfg.corpus_batch_size,
                        cfg.corpus_max_tokens)
+    if cfg.corpus_dtype != "float32":  # other bytes: SAEs trained on them are other SAEs
+        plan = replace(plan, content_hash=f"{plan.content_hash}:{cfg.corpus_dtype}")
     writers = _writers(cfg, lm, url, plan, None)
     todo = _todo(writers, plan.n_batches)
     pending = set().union(*todo.values())

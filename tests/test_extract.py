@@ -69,6 +69,25 @@ def test_store_layout_and_values(tmp_path, tiny_model_dirs, corpus_file):
     assert set(ds.concept.values) == {"months"} and ds["mask"].values.sum() > 0
 
 
+@pytest.mark.parametrize("dtype, rtol", [("float16", 2**-11), ("bfloat16", 2**-8)])
+def test_corpus_dtype_halves_the_corpus_and_reads_back_within_its_rounding(tmp_path, tiny_model_dirs, corpus_file,
+                                                                          dtype, rtol):
+    full = _config(tmp_path / "f32", tiny_model_dirs["bert"], corpus_file, concepts=("months",))
+    half = replace(full, out=str(tmp_path / dtype), corpus_dtype=dtype)
+    extract_flow(full), extract_flow(half)
+    urls = [store.activation_store_url(cfg.out, cfg.model.name) for cfg in (full, half)]
+    region = store.corpus_chunks(urls[0], HOOKS[1], 0.05)[0][0]
+    exact, rounded = (store.read_region(url, HOOKS[1], region) for url in urls)
+    assert rounded.dtype == np.float32 and rounded.shape == exact.shape
+    assert np.all(np.abs(rounded - exact) <= rtol * np.abs(exact) + 1e-30)  # round to nearest: half an ulp
+    sizes = [zarr.open_group(url, path=store.group_path(HOOKS[1]), mode="r")["resid"].nbytes for url in urls]
+    assert sizes[1] * 2 == sizes[0]
+    concept = [_arrays(url, HOOKS[1], "months")["resid"] for url in urls]  # concepts stay float32
+    assert concept[1].dtype == np.float32 and np.array_equal(concept[0], concept[1])
+    with pytest.raises(store.StoreError, match=f"holds {dtype} activations, this run asks for float32"):
+        extract_flow(replace(full, out=half.out))
+
+
 def test_unchanged_rerun_recomputes_nothing(tmp_path, tiny_model_dirs, corpus_file):
     cfg = _config(tmp_path, tiny_model_dirs["gpt2"], corpus_file)
     extract_flow(cfg)
