@@ -142,3 +142,14 @@ def dask_runner(address: str | None, n_workers: int, out: str | None = None) -> 
     dask.config.set(_WORKER_ENV)  # the stage's cluster is created later, by the task runner
     return DaskTaskRunner(cluster_class="distributed.LocalCluster",
                           cluster_kwargs=_local_cluster_kwargs(n_workers, processes=True))
+
+
+def cluster_workers(address: str | None, n_workers: int) -> int:
+    """Tasks the cluster runs at once: the local cluster's `n_workers` (one thread each), or the
+    threads of the scheduler at `address`."""
+    if address is None:
+        return n_workers
+    from distributed import Client
+
+    with Client(address, timeout=30, set_as_default=False) as client:
+        return max(1, sum(client.nthreads().values()))

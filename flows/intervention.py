@@ -87,6 +87,7 @@ class _Arrays:
         self.paper = {f: np.full(lead + (len(cfg.directions), len(cfg.alphas), cfg.paper_seeds), np.nan)
                       for f in PAPER_FIELDS}
         self.skipped = np.full(lead + (len(objectives) + 1,), "", dtype=object)
+        self.latents = np.full(lead + (len(objectives) + 1,), np.nan)
         self.undecomposed = np.full(lead + (len(objectives),), "", dtype=object)
 
 
@@ -142,6 +143,7 @@ def intervention_dataset(model, cells, results, cfg: InterventionStageConfig, ho
     for (hook, concept, objective, direction), result in zip(cells, results):
         at, d = (0, hooks.index(hook), concepts.index(concept)), dirs.index(direction)
         o = moving.index(objective) if objective != PAPER else len(moving)
+        arrays.latents[at + (o,)] = result.get("n_latents", np.nan)
         if result["skipped"]:
             arrays.skipped[at + (o,)] = result["skipped"]
         elif objective == PAPER:
@@ -164,6 +166,9 @@ def intervention_dataset(model, cells, results, cfg: InterventionStageConfig, ho
                       {"description": f"{name}: ΔMSE ~ 1 + ΔSep + ‖δ‖ + ‖δ‖², coefficient of ΔSep; CI from "
                                       f"resampling concepts (the replicates), not (direction, α) cells"})
     data["skipped"] = ((*lead, "stage_objective"), arrays.skipped, {"description": "why a cell was not run"})
+    data["n_latents"] = ((*lead, "stage_objective"), arrays.latents, {
+        "units": "latents", "description": "latents the moves live on: the union of the sampled tokens' supports "
+                                           "(the active-latent subspace); all K for the paper-literal search"})
     data["decomposition_reason"] = ((*lead, "objective"), arrays.undecomposed, {
         "description": "why the row/null-space variables are NaN (a decoder that is not linear); '' = split"})
     coords = {"model": [model], "hook": hooks, "concept": concepts, "objective": moving,

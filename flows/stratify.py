@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 
 import numpy as np
 import xarray as xr
 from prefect import flow
 
 from flows.config import StratifyConfig
+from flows.dask_runner import cluster_workers
 from flows.grid import run_grid
 from saema_core.ranks import ESTIMATORS, MODES
 from saema_core.stratification import stratification_verdict
@@ -148,16 +150,52 @@ def strata_dataset(model: str, cells, results, cfg: StratifyConfig, hooks, conce
     return ds
 
 
-def stratify_calls(out: str, model_name: str, cells, sae_refs: list[SAERef], params: StratifyParams) -> list[dict]:
-    """One `stratify_cells` call per (hook, concept, space), with the content it reads fingerprinted."""
+def sigma_chunks(n_levels: int, n_cells: int, n_workers: int) -> int:
+    """Into how many tasks each (hook, concept, space) sweep is split: one while the cells fill the
+    cluster's workers, else enough for every worker to get a task (at most one per σ level)."""
+    return min(n_levels, max(1, -(-n_workers // max(n_cells, 1))))
+
+
+def chunk_params(params: StratifyParams, chunk: int, n_chunks: int) -> StratifyParams:
+    """The σ levels of task `chunk` of `n_chunks`: every n_chunks-th level from the chunk-th, so that
+    every chunk gets low and high σ (the costly ones) alike. Chunks after the first also compute the
+    sweep's strata reference (its first σ, replicate 0)."""
+    if n_chunks == 1:
+        return params
+    levels = tuple(params.noise_levels[chunk::n_chunks])
+    return replace(params, noise_levels=levels, reference_noise=params.noise_levels[0])
+
+
+def merge_chunks(results: list[dict]) -> dict:
+    """One sweep's result from its chunks' (`chunk_params` order): per-σ lists re-interleaved, the
+    per-concept scalars (equal in every chunk) taken once."""
+    if len(results) == 1:
+        return results[0]
+    merged = {}
+    for name, value in results[0].items():
+        if not isinstance(value, list):
+            merged[name] = value
+            continue
+        rows = [None] * sum(len(result[name]) for result in results)
+        for chunk, result in enumerate(results):
+            rows[chunk::len(results)] = result[name]
+        merged[name] = rows
+    return merged
+
+
+def stratify_calls(out: str, model_name: str, cells, sae_refs: list[SAERef], params: StratifyParams,
+                   n_chunks: int = 1) -> list[dict]:
+    """`n_chunks` `stratify_cells` calls per (hook, concept, space) (`chunk_params`), cell by cell, with
+    the content they read fingerprinted."""
     refs = {(ref.hook, ref.kind): ref for ref in sae_refs}
     url = activation_store_url(out, model_name)
     calls = []
     for hook, concept, space in cells:
         ref = refs.get((hook, _SPACE_SAE_KIND.get(space)))
         content = f"{content_hash(url, hook, concept)}|{ref.hash if ref else 'identity'}"
-        calls.append({"out": out, "model_name": model_name, "hook": hook, "concept": concept, "space": space,
-                      "sae_path": ref.path if ref else None, "params": params, "content": content})
+        calls += [{"out": out, "model_name": model_name, "hook": hook, "concept": concept, "space": space,
+                   "sae_path": ref.path if ref else None, "params": chunk_params(params, chunk, n_chunks),
+                   "content": content} for chunk in range(n_chunks)]
     return calls
 
 
@@ -171,8 +209,10 @@ def stratify_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: t
     missing = [(h, s) for h, _, s in cells if s != "resid" and (h, _SPACE_SAE_KIND[s]) not in kinds]
     if missing:
         raise ValueError(f"no SAE for (hook, space) {sorted(set(missing))}; train or pass them first")
-    calls = stratify_calls(out, model_name, cells, sae_refs, params)
-    results = run_grid("stratify", out, calls, refresh, cfg.dask_address, cfg.n_workers)
+    n_chunks = sigma_chunks(len(cfg.noise_levels), len(cells), cluster_workers(cfg.dask_address, cfg.n_workers))
+    calls = stratify_calls(out, model_name, cells, sae_refs, params, n_chunks)
+    chunks = run_grid("stratify", out, calls, refresh, cfg.dask_address, cfg.n_workers)
+    results = [merge_chunks(chunks[i:i + n_chunks]) for i in range(0, len(chunks), n_chunks)]
     ds = stratification_dataset(model_name, cells, results, cfg, list(hooks), list(concepts), out)
     changed = write_group(out, "stratification", ds)
     write_group(out, "strata", strata_dataset(model_name, cells, results, cfg, list(hooks), list(concepts)))

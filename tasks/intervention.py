@@ -7,6 +7,7 @@ import hashlib
 from dataclasses import replace
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -14,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from saema_core.baselines import PAPER_STEP_SCALE, paper_search
 from saema_core.intervention import (
     InterventionConfig,
+    active_subspace,
     bounded_sample,
     optimise_intervention,
     random_control,
@@ -58,9 +60,10 @@ def inputs_fingerprint(out: str, model_name: str, hook: str, concept: str, sae_i
 @functools.lru_cache(maxsize=8)
 def cell_inputs(out: str, model_name: str, hook: str, concept: str, sae_path: str, sae_id: str,
                 seed: int, content: str = "", sample: tuple[int, int, int] | None = None,
-                ) -> tuple[torch.Tensor, np.ndarray, torch.Tensor, object]:
-    """Latents Z, structure-stage cluster labels (latent space), residuals x and the SAE, restricted to
-    `bounded_sample(labels, *sample)` (max clusters, max tokens per cluster, seed) when given.
+                ) -> tuple[sp.csr_array, np.ndarray, torch.Tensor, object]:
+    """Sparse latents Z, structure-stage cluster labels (latent space), residuals x and the SAE,
+    restricted to `bounded_sample(labels, *sample)` (max clusters, max tokens per cluster, seed) when
+    given.
 
     Cached per worker process (the SAE once per hook, `shared_sae`); `content` is part of the key so a
     long-lived worker never reuses the inputs of an earlier run."""
@@ -70,9 +73,8 @@ def cell_inputs(out: str, model_name: str, hook: str, concept: str, sae_path: st
                                              latent_store.latent_group(concept, hook, sae_id))
     labels = np.nan_to_num(structure_labels(out, model_name, hook, concept, seed)[: x.shape[0]], nan=-1)
     keep = bounded_sample(labels, *sample) if sample else np.arange(x.shape[0])
-    z = torch.from_numpy(csr[keep].toarray().astype(np.float32))  # the bounded sample only
     sae = shared_sae(sae_path, str(latents.attrs.get("sae_hash", "")))
-    return z, labels[keep].astype(np.int64), torch.from_numpy(x[keep]), sae
+    return sp.csr_array(csr[keep]), labels[keep].astype(np.int64), torch.from_numpy(x[keep]), sae
 
 
 @functools.lru_cache(maxsize=2)
@@ -81,6 +83,15 @@ def shared_sae(sae_path: str, sae_hash: str) -> object:
     SAE of 65 536 latents on d_model 2 304 is 1.2 GB); `sae_hash` keys the cache, so a checkpoint
     replaced at the same path between runs is loaded again."""
     return load_sae(sae_path)
+
+
+def moving_inputs(csr: sp.csr_array, sae, objective: str) -> tuple[torch.Tensor, object]:
+    """Z and the decoder's owner the moves work with: the active-latent subspace and the decoder on it
+    (`saema_core.intervention.active_subspace`), or for the paper-literal search, which z-scores over
+    all K latents, the full dense Z and the SAE."""
+    if objective == "paper":
+        return torch.from_numpy(csr.toarray().astype(np.float32)), sae
+    return active_subspace(csr, sae.W_dec, sae.b_dec)
 
 
 def n_clusters(labels: np.ndarray) -> int:
@@ -150,10 +161,12 @@ def intervention_cell(out: str, model_name: str, hook: str, concept: str, sae_pa
     `content` fingerprints what the cell reads (part of the cache key, see tasks/caching.py)."""
     keep_freed_memory()
     with pinned_threads(1):
-        z, labels, x, sae = cell_inputs(out, model_name, hook, concept, sae_path, sae_id, seed, content, sample)
+        csr, labels, x, full = cell_inputs(out, model_name, hook, concept, sae_path, sae_id, seed, content, sample)
+        z, sae = moving_inputs(csr, full, base.objective)
         if n_clusters(labels) < 2:
             return {"skipped": f"{n_clusters(labels)} cluster(s) in latent space; the intervention needs ≥ 2"}
-        common = {"skipped": "", "n_tokens": int(z.shape[0]), "n_clusters": n_clusters(labels)}
+        common = {"skipped": "", "n_tokens": int(z.shape[0]), "n_clusters": n_clusters(labels),
+                  "n_latents": int(z.shape[1])}
         if base.objective == "paper":
             return {**common, "paper": _paper_runs(z, labels, x, sae, base, direction, alphas, paper_seeds,
                                                    paper_step_scale)}

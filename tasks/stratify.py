@@ -38,6 +38,9 @@ class StratifyParams:
     noise_scale: str
     base_seed: int
     threads: int = 1
+    reference_noise: float | None = None
+    """σ of the strata reference (its replicate 0); None = the first of `noise_levels`. A call that
+    holds a chunk of a sweep's σ levels names the sweep's first level, so its strata are the sweep's."""
 
 
 def prompt_tensor(out: str, model_name: str, hook: str, concept: str) -> tuple[np.ndarray, np.ndarray]:
@@ -88,18 +91,25 @@ def _cell_rows(cell) -> dict[str, list]:
 
 
 def _sweep(x, mask, encode, params: StratifyParams, hook: str, concept: str, space: str) -> dict:
-    """Every (σ, replicate) cell. At σ = 0 every replicate is the same noiseless cell: computed once."""
+    """Every (σ, replicate) cell. At σ = 0 every replicate is the same noiseless cell: computed once.
+    A chunk of a longer sweep (`params.reference_noise` set) first computes the sweep's reference cell."""
     scale = noise_scale(x, mask, params.noise_scale, cell=f"{hook}/{concept}/{space}")
+
+    def cell_at(sigma: float, r: int):
+        seed = derive_seed(params.base_seed, hook, concept, sigma, r)
+        return analyse_cell(x, mask, encode, sigma, scale, seed, cell=f"{hook}/{concept}/{space}/σ={sigma}/r={r}")
+
     rows: dict[str, list] = {}
-    reference, noiseless = None, None
+    noiseless = None
+    first = params.noise_levels[0]
+    reference_sigma = first if params.reference_noise is None else params.reference_noise
+    reference = None if reference_sigma == first else cell_at(reference_sigma, 0).supports
     for sigma in params.noise_levels:
         for r in range(params.replicates):
             if sigma == 0 and noiseless is not None:
                 cell = noiseless
             else:
-                seed = derive_seed(params.base_seed, hook, concept, sigma, r)
-                cell = analyse_cell(x, mask, encode, sigma, scale, seed,
-                                    cell=f"{hook}/{concept}/{space}/σ={sigma}/r={r}")
+                cell = cell_at(sigma, r)
                 noiseless = cell if sigma == 0 else noiseless
             reference = cell.supports if reference is None else reference
             result = support_strata(cell.supports, reference)

@@ -511,6 +511,20 @@ def test_paper_search_reproduces_its_stated_steps_on_a_toy():
     assert result.delta_separability > 0  # 1/AEDP pushes the clusters apart
 
 
+def test_paper_search_decodes_the_cluster_shifts_of_an_affine_decoder_as_it_decodes_every_latent():
+    decoder = LinearDecoder(k=30, d=5, seed=1)
+    codes = torch.from_numpy(_sparse_codes(n=20, k=30, active_per_token=4, seed=2).toarray())
+    x = decoder.decode(codes) + 0.05 * torch.randn(20, 5, generator=torch.Generator().manual_seed(0), dtype=F64)
+    labels = np.r_[np.repeat([0, 1, 2], 6), [-1, -1]]  # noise tokens are never moved
+    for direction in (1, -1):
+        shifted = paper_search(codes, labels, decoder.decode, x, 1.2, direction=direction, seed=3, step_scale=0.03)
+        generic = paper_search(codes, labels, lambda z: decoder.decode(z), x, 1.2, direction=direction, seed=3,
+                               step_scale=0.03)  # no W_dec to read: every moved latent decoded
+        for name in ("objective", "separability", "mse", "mse_zscored", "displacement_norm"):
+            np.testing.assert_allclose(getattr(shifted, name), getattr(generic, name), rtol=1e-10, err_msg=name)
+        assert (np.diff(shifted.objective) != 0).any()  # some proposals were accepted
+
+
 def test_paper_search_refuses_bad_settings():
     decoder = LinearDecoder()
     z, x = torch.rand(6, 12, dtype=F64), torch.rand(6, 5, dtype=F64)
@@ -518,3 +532,46 @@ def test_paper_search_refuses_bad_settings():
         paper_search(z, np.repeat([0, 1], 3), decoder.decode, x, 1.0, step_scale=0.0)
     with pytest.raises(ValueError, match="direction"):
         paper_search(z, np.repeat([0, 1], 3), decoder.decode, x, 1.0, direction=0)
+
+
+# ----------------------------------------------------------------------------- active-latent subspace
+
+
+def _sparse_codes(n: int, k: int, active_per_token: int, seed: int):
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    cols = np.concatenate([rng.choice(k, active_per_token, replace=False) for _ in range(n)])
+    rows = np.repeat(np.arange(n), active_per_token)
+    return sp.csr_array((rng.uniform(0.1, 2.0, cols.size), (rows, cols)), shape=(n, k))
+
+
+def test_the_active_subspace_decodes_as_the_full_decoder_and_keeps_only_used_latents():
+    from saema_core.intervention import active_subspace
+
+    decoder = LinearDecoder(k=40, d=5, seed=3)
+    codes = _sparse_codes(n=6, k=40, active_per_token=3, seed=1)
+    z, sub = active_subspace(codes, decoder.W_dec.float(), decoder.b_dec.float())
+    np.testing.assert_array_equal(sub.active, np.unique(codes.indices))
+    assert z.shape == (6, sub.active.size) == (6, sub.d_sae) and sub.d_sae < 40
+    full = decoder.decode(torch.from_numpy(codes.toarray()))
+    torch.testing.assert_close(sub.decode(z).double(), full, rtol=1e-5, atol=1e-5)
+    weights, _ = linear_decoder(sub.decode, sub.d_sae)  # the row/null-space split works on it
+    assert weights.shape == (sub.d_sae, 5)
+
+
+def test_when_every_latent_is_used_the_subspace_move_is_the_full_space_move():
+    from saema_core.intervention import active_subspace
+
+    decoder = LinearDecoder(k=8, d=5, seed=2)
+    codes = _sparse_codes(n=24, k=8, active_per_token=6, seed=4)
+    assert np.unique(codes.indices).size == 8
+    labels = np.arange(24) % 3
+    x = decoder.decode(torch.from_numpy(codes.toarray())).float() + 0.1
+    z, sub = active_subspace(codes, decoder.W_dec.float(), decoder.b_dec.float())
+    config = InterventionConfig(lr=0.05, steps=5)
+    in_subspace = optimise_intervention(z, labels, sub.decode, x, config)
+    W, b = decoder.W_dec.float(), decoder.b_dec.float()
+    full = optimise_intervention(torch.from_numpy(codes.toarray()).float(), labels, lambda v: v @ W + b, x, config)
+    np.testing.assert_allclose(in_subspace.mse, full.mse, rtol=1e-5)
+    np.testing.assert_allclose(in_subspace.separability, full.separability, rtol=1e-5)

@@ -15,6 +15,7 @@ from flows.pipeline import STAGES, saema_pipeline
 from storage import latent_store
 from storage.models import ModelSpec
 from storage.results import read_group
+from flows.grid import run_grid as original_run_grid
 from flows.stratify import stratify_calls, stratify_flow
 from tasks.caching import pending_cells
 from tasks.sae import train_or_load_sae
@@ -133,6 +134,37 @@ def test_a_cell_alone_equals_the_grid_and_workers_do_not_matter(pipeline_run, tm
                   refresh=True)
     one_worker = read_group(out, "stratification").load()
     np.testing.assert_array_equal(one_worker["rank"].values, two_workers["rank"].values)
+
+
+def test_a_sweep_split_by_sigma_for_a_larger_cluster_gives_the_same_results(pipeline_run, monkeypatch):
+    import flows.stratify
+
+    out, model = pipeline_run.extract.out, pipeline_run.extract.model.label
+    whole = {group: read_group(out, group).load() for group in ("stratification", "strata")}
+    monkeypatch.setattr(flows.stratify, "cluster_workers", lambda address, n_workers: 16)  # 16 workers, 6 cells
+    calls = []
+    monkeypatch.setattr(flows.stratify, "run_grid", lambda stage, out, chunk_calls, *args: calls.extend(chunk_calls)
+                        or original_run_grid(stage, out, chunk_calls, *args))
+    refs = [train_or_load_sae.fn(out, model, HOOK, kind, pipeline_run.sae) for kind in ("sae", "dense_ae")]
+    stratify_flow(out, model, (HOOK,), pipeline_run.extract.concepts, refs, pipeline_run.stratify)
+    assert len(calls) == 6 * 3 and {call["params"].noise_levels for call in calls} == {(0.0,), (0.1,), (1.0,)}
+    for group, before in whole.items():
+        after = read_group(out, group).load()
+        for name in before.data_vars:
+            np.testing.assert_array_equal(after[name].values, before[name].values, err_msg=f"{group}.{name}")
+
+
+def test_sigma_chunks_interleave_the_levels_and_merge_back():
+    from flows.stratify import chunk_params, merge_chunks, sigma_chunks
+
+    assert sigma_chunks(10, n_cells=9, n_workers=2) == 1 and sigma_chunks(10, 3, 16) == 6
+    assert sigma_chunks(3, 1, 64) == 3  # at most one per σ
+    params = StratifyParams((0.0, 0.1, 0.2, 0.5, 1.0), 2, "absolute", 0)
+    chunks = [chunk_params(params, c, 2) for c in range(2)]
+    assert [c.noise_levels for c in chunks] == [(0.0, 0.2, 1.0), (0.1, 0.5)]
+    assert {c.reference_noise for c in chunks} == {0.0} and chunk_params(params, 0, 1) is params
+    results = [{"rank": [[lvl] for lvl in c.noise_levels], "scale": 1.5} for c in chunks]
+    assert merge_chunks(results) == {"rank": [[0.0], [0.1], [0.2], [0.5], [1.0]], "scale": 1.5}
 
 
 def test_a_one_worker_grid_runs_one_cell_at_a_time(pipeline_run):
