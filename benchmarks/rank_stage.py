@@ -28,20 +28,11 @@ from threadpoolctl import threadpool_limits
 from flows.config import StratifyConfig
 from saema_core.noise import add_noise, derive_seed
 from saema_core.ranks import _active_block, _eigvalsh, _smaller_gram
-from saema_core.sae import SAEConfig, build_sae
 from saema_core.sae.sparse import encode_csr
 from tasks.stratify import StratifyParams, _sweep
 
-D_IN, K = 384, 32
+from sae_encode import D_IN, random_topk_sae  # benchmarks/ is the script's folder
 
-
-def _sae(d_sae: int):
-    sae = build_sae(SAEConfig(architecture="topk", d_in=D_IN, d_sae=d_sae, k=K))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in sae.parameters():
-            param.copy_(torch.randn(param.shape, generator=gen) / D_IN**0.5)
-    return sae.requires_grad_(False)
 
 
 def _concept(tokens: int, analysed: int, positions: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,7 +64,7 @@ def main() -> None:
     parser.add_argument("--d-sae", type=int, default=3072)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    sae = _sae(args.d_sae)
+    sae = random_topk_sae(args.d_sae)
     cfg = StratifyConfig()
     params = StratifyParams(cfg.noise_levels, cfg.replicates, "absolute", 0)
 

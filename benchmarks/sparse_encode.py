@@ -25,23 +25,13 @@ import time
 import numpy as np
 import torch
 
-D_IN, K = 384, 32
+from sae_encode import D_IN, K, random_topk_sae  # benchmarks/ is the script's folder
+
 
 
 def _rss_mib() -> float:
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
-
-
-def _sae(d_sae: int):
-    from saema_core.sae import SAEConfig, build_sae
-
-    sae = build_sae(SAEConfig(architecture="topk", d_in=D_IN, d_sae=d_sae, k=K))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in sae.parameters():
-            param.copy_(torch.randn(param.shape, generator=gen) / D_IN**0.5)
-    return sae.requires_grad_(False)
 
 
 def _dense(sae, x):
@@ -64,7 +54,7 @@ def measure(method: str, tokens: int, d_sae: int) -> dict:
     """One measurement, in this process: peak RSS above the start (MiB) and seconds."""
     from saema_core.sae.sparse import encode_csr
 
-    sae = _sae(d_sae)
+    sae = random_topk_sae(d_sae)
     x = np.random.default_rng(0).normal(size=(tokens, D_IN)).astype(np.float32)
     fn = {"dense": _dense, "csr": encode_csr, "floor": _floor}[method]
     fn(sae, x[:64])  # warm-up: thread pool, allocator
@@ -79,7 +69,7 @@ def measure(method: str, tokens: int, d_sae: int) -> dict:
 
 def run(method: str, tokens: int, d_sae: int) -> dict:
     cmd = [sys.executable, __file__, "--one", method, str(tokens), str(d_sae)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         return {"method": method, "tokens": tokens, "d_sae": d_sae, "error": done.stderr.strip().splitlines()[-1:]}
     return json.loads(done.stdout)

@@ -14,7 +14,12 @@ from flows.dask_runner import cluster_workers
 from flows.grid import run_grid
 from saema_core.ranks import ESTIMATORS, MODES
 from saema_core.stratification import stratification_verdict
-from storage.activation_store import activation_store_url, concept_prompt_set, concept_source, content_hash
+from storage.activation_store import (
+    activation_store_url,
+    concept_prompt_set,
+    concept_source,
+    content_hash,
+)
 from storage.locations import exists
 from storage.plots import plot_path, plot_rank_vs_noise
 from storage.results import write_group

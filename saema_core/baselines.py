@@ -9,7 +9,6 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from saema_core.row_space import linear_decoder
 from saema_core.intervention import (
     DIRECTIONS,
     SEPARABILITY,
@@ -29,6 +28,7 @@ from saema_core.intervention import (
     translation_norm,
     zscore_rows,
 )
+from saema_core.row_space import linear_decoder
 
 PAPER_STEPS = 10
 PAPER_STEP_SCALE = 0.03

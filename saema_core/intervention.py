@@ -60,6 +60,7 @@ from typing import NamedTuple
 
 import numpy as np
 import scipy.optimize
+import scipy.sparse as sp
 import torch
 
 from saema_core.separability import (
@@ -275,11 +276,9 @@ class SubspaceDecoder:
         return latents.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
 
 
-def active_subspace(latents: "scipy.sparse.csr_array", W_dec: torch.Tensor,
+def active_subspace(latents: sp.sparray | sp.spmatrix, W_dec: torch.Tensor,
                     b_dec: torch.Tensor) -> tuple[torch.Tensor, SubspaceDecoder]:
     """Z (n, |A|) on the union A of the tokens' supports (sparse `latents` (n, K)) and the decoder on A."""
-    import scipy.sparse as sp
-
     latents = sp.csr_array(latents)
     latents.eliminate_zeros()
     active = np.unique(latents.indices)

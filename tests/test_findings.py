@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from flows.config import StratifyConfig
-from flows.findings import claim_findings, findings_dataset
-from flows.stratify import _cells, stratification_dataset
 from flows.causal import causal_dataset
-from flows.config import CausalStageConfig, InterventionStageConfig
+from flows.config import CausalStageConfig, InterventionStageConfig, StratifyConfig
+from flows.findings import claim_findings, findings_dataset
 from flows.intervention import intervention_dataset
+from flows.stratify import _cells, stratification_dataset
 from saema_core.findings import separability_findings, stratification_findings, structure_findings
 from saema_core.ranks import ESTIMATORS, MODES
 from saema_core.structure_metrics import identity_agreement

@@ -9,14 +9,21 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from flows.config import (CausalStageConfig, ExtractConfig, InterventionStageConfig, PipelineConfig, SAEStageConfig,
-                          StratifyConfig, StructureStageConfig)
+from flows.config import (
+    CausalStageConfig,
+    ExtractConfig,
+    InterventionStageConfig,
+    PipelineConfig,
+    SAEStageConfig,
+    StratifyConfig,
+    StructureStageConfig,
+)
+from flows.grid import run_grid as original_run_grid
 from flows.pipeline import STAGES, saema_pipeline
+from flows.stratify import stratify_calls, stratify_flow
 from storage import latent_store
 from storage.models import ModelSpec
 from storage.results import read_group
-from flows.grid import run_grid as original_run_grid
-from flows.stratify import stratify_calls, stratify_flow
 from tasks.caching import pending_cells
 from tasks.sae import train_or_load_sae
 from tasks.stratify import StratifyParams, stratify_cells
@@ -75,9 +82,9 @@ def test_no_dense_runs_every_stage_without_the_control_and_the_findings_say_it_i
 def test_the_dense_control_has_the_width_of_the_hook_sae_unless_set(pipeline_run, tmp_path):
     import shutil
 
-    from flows.sae import sae_flow
     import torch
 
+    from flows.sae import sae_flow
     from saema_core.sae import build_sae
     from saema_core.sae_training import training_sae_config
     from storage.sae_checkpoints import save_sae
