@@ -511,7 +511,7 @@ def test_paper_search_reproduces_its_stated_steps_on_a_toy():
     assert result.delta_separability > 0  # 1/AEDP pushes the clusters apart
 
 
-def test_paper_search_decodes_the_cluster_shifts_of_an_affine_decoder_as_it_decodes_every_latent():
+def test_paper_search_from_the_cluster_shifts_of_an_affine_decoder_equals_the_search_on_every_latent():
     decoder = LinearDecoder(k=30, d=5, seed=1)
     codes = torch.from_numpy(_sparse_codes(n=20, k=30, active_per_token=4, seed=2).toarray())
     x = decoder.decode(codes) + 0.05 * torch.randn(20, 5, generator=torch.Generator().manual_seed(0), dtype=F64)
@@ -521,7 +521,8 @@ def test_paper_search_decodes_the_cluster_shifts_of_an_affine_decoder_as_it_deco
         generic = paper_search(codes, labels, lambda z: decoder.decode(z), x, 1.2, direction=direction, seed=3,
                                step_scale=0.03)  # no W_dec to read: every moved latent decoded
         for name in ("objective", "separability", "mse", "mse_zscored", "displacement_norm"):
-            np.testing.assert_allclose(getattr(shifted, name), getattr(generic, name), rtol=1e-10, err_msg=name)
+            np.testing.assert_allclose(getattr(shifted, name), getattr(generic, name), rtol=1e-10, atol=1e-12,
+                                       err_msg=name)  # the closed form is exactly 0 where the generic is round-off
         assert (np.diff(shifted.objective) != 0).any()  # some proposals were accepted
 
 
