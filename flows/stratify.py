@@ -156,9 +156,10 @@ def strata_dataset(model: str, cells, results, cfg: StratifyConfig, hooks, conce
 
 
 def sigma_chunks(n_levels: int, n_cells: int, n_workers: int) -> int:
-    """Into how many tasks each (hook, concept, space) sweep is split: one while the cells fill the
-    cluster's workers, else enough for every worker to get a task (at most one per σ level)."""
-    return min(n_levels, max(1, -(-n_workers // max(n_cells, 1))))
+    """Into how many tasks each (hook, concept, space) sweep is split: one while there are at least two
+    sweeps per worker, else enough chunks for two tasks per worker (at most one per σ level), so that
+    the longest task stays within about the mean work per worker."""
+    return min(n_levels, max(1, -(-2 * n_workers // max(n_cells, 1))))
 
 
 def chunk_params(params: StratifyParams, chunk: int, n_chunks: int) -> StratifyParams:

@@ -164,7 +164,7 @@ def test_a_sweep_split_by_sigma_for_a_larger_cluster_gives_the_same_results(pipe
 def test_sigma_chunks_interleave_the_levels_and_merge_back():
     from flows.stratify import chunk_params, merge_chunks, sigma_chunks
 
-    assert sigma_chunks(10, n_cells=9, n_workers=2) == 1 and sigma_chunks(10, 3, 16) == 6
+    assert sigma_chunks(10, n_cells=9, n_workers=2) == 1 and sigma_chunks(10, 9, 16) == 4
     assert sigma_chunks(3, 1, 64) == 3  # at most one per σ
     params = StratifyParams((0.0, 0.1, 0.2, 0.5, 1.0), 2, "absolute", 0)
     chunks = [chunk_params(params, c, 2) for c in range(2)]
