@@ -49,8 +49,12 @@ def paper_search(
     steps: int = PAPER_STEPS,
     seed: int = 0,
     step_scale: float = PAPER_STEP_SCALE,
+    weights: torch.Tensor | None = None,
 ) -> InterventionTrajectory:
     """The released code's procedure (DESIGN.md §7): the paper-literal baseline.
+
+    `weights`: W (K, d) of an affine decoder D(z) = zW + b when the caller already has it (read once for
+    many searches, e.g. with `row_space.linear_decoder`); else it is looked for on `decode`'s owner.
 
     1. Z-score every token: Z̃ = (Z − μ_t) / s_t over its K latents and x̃ likewise over d_model.
     2. Start from Δ = 0 (per-cluster centre shifts in the z-scored latent space).
@@ -73,7 +77,7 @@ def paper_search(
     scored, x_scored = (latents - mean) / spread, zscore_rows(target)
     generator = torch.Generator().manual_seed(seed)
 
-    from_shifts = _cluster_shift_measures(decode, latents, scored, spread, clusters)
+    from_shifts = _cluster_shift_measures(decode, latents, scored, spread, clusters, weights)
 
     def state(shifts: torch.Tensor) -> StepMetrics:
         if from_shifts is not None:
@@ -101,7 +105,8 @@ def paper_search(
 
 
 def _cluster_shift_measures(decode: Decoder, latents: torch.Tensor, scored: torch.Tensor, spread: torch.Tensor,
-                            clusters) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None:
+                            clusters, weights: torch.Tensor | None = None,
+                            ) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None:
     """For an affine decoder D(z) = zW + b: the cluster shifts Δ (C, K) ↦ (x̂, AEDP, applied displacement
     norm) from Δ alone, without the n × K moved latents (the same values up to rounding; at K = 65 536
     seconds instead of minutes per search). A token t of cluster c moves by s_t·Δ_c in raw units, so
@@ -110,11 +115,14 @@ def _cluster_shift_measures(decode: Decoder, latents: torch.Tensor, scored: torc
         ‖displacement‖² = Σ_c ‖Δ_c‖² Σ_{t ∈ c} s_t².
 
     None for any other decoder (then every moved latent is decoded)."""
-    try:
-        weights, _ = linear_decoder(decode, latents.shape[1])
-    except ValueError:
-        return None
-    weights, base = weights.to(latents.dtype), decode(latents)
+    if weights is None:
+        try:
+            weights, _ = linear_decoder(decode, latents.shape[1])
+        except ValueError:
+            return None
+    weights = weights.to(latents.dtype)
+    # D(Z) = ZW + D(0), Z's nonzeros only (a TopK code has k of K per token)
+    base = torch.sparse.mm(latents.to_sparse(), weights) + decode(latents.new_zeros(1, latents.shape[1]))
     centroids = torch.stack([scored[m].mean(dim=0) for m in clusters.members])
     spread_sq = torch.stack([(spread[m].to(torch.float64) ** 2).sum() for m in clusters.members])
     singletons = tuple(torch.tensor([c]) for c in range(len(clusters.members)))
