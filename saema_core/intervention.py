@@ -34,15 +34,15 @@ Note that with clamping an isotropic random move cannot lower inactive latents, 
 to latents a cluster does not use, which tends to pull sparse clusters with disjoint supports together.
 
 The active-latent subspace: the moves live on the latents that some token of the concept's sample
-uses (the union of their supports, A), through the decoder restricted to them, D_A(z_A) = z_A·W_dec[A] + b
-(`active_subspace`); a latent no sampled token uses is never switched on. Adam moves every coordinate by
-about lr per step whatever the size of its gradient, so in the full K-space the move and its displacement
-norm would be dominated by the K − |A| latents the concept never uses (at K = 65 536 nearly all of them),
-and a seeded isotropic control would likewise spread its norm over them: the subspace keeps both on the
-concept's own code, makes the displacement comparable across SAE widths and costs |A| instead of K per
-token (|A| ≤ tokens × k for a TopK SAE). Within A, clamping still lets the optimiser switch on a latent of A
-for tokens that do not use it. The paper-literal search (`saema_core.baselines`) z-scores each token over
-all K latents, so it keeps the full space.
+uses (the union of their supports, A), through the decoder restricted to them, D_A(z_A) = z_A·W_dec[A]
++ b (`saema_core.row_space.active_subspace`); a latent no sampled token uses is never switched on.
+Adam moves every coordinate by about lr per step whatever the size of its gradient, so in the full
+K-space the move and its displacement norm would be dominated by the K − |A| latents the concept never
+uses (at K = 65 536 nearly all of them), and a seeded isotropic control would likewise spread its norm
+over them: the subspace keeps both on the concept's own code, makes the displacement comparable across
+SAE widths and costs |A| instead of K per token (|A| ≤ tokens × k for a TopK SAE). Within A, clamping
+still lets the optimiser switch on a latent of A for tokens that do not use it. The paper-literal
+search (`saema_core.baselines`) z-scores each token over all K latents, so it keeps the full space.
 
 Clamping: SAE latents of ReLU/TopK SAEs are non-negative, so with ``clamp_nonnegative`` the moved latents
 are ``clamp(Z + Δ, min=0)`` in the forward. torch's clamp passes the gradient where the input equals the
@@ -60,7 +60,6 @@ from typing import NamedTuple
 
 import numpy as np
 import scipy.optimize
-import scipy.sparse as sp
 import torch
 
 from saema_core.separability import (
@@ -76,8 +75,7 @@ from saema_core.separability import (
 
 __all__ = [
     "ALPHAS", "DIRECTIONS", "OBJECTIVES", "SEPARABILITY", "ZSCORE_EPS", "Clusters", "Decoder",
-    "InterventionConfig", "InterventionProblem", "InterventionTrajectory", "StepMetrics", "SubspaceDecoder",
-    "SweepCell", "active_subspace", "aedp",
+    "InterventionConfig", "InterventionProblem", "InterventionTrajectory", "StepMetrics", "SweepCell", "aedp",
     "check_decoder", "clusters_from_labels", "control_path", "decoder_input_width", "displacement_norm",
     "evaluate", "explained_variance", "gw", "gw_intrinsic", "gw_union_vs_parts", "intervention_deltas", "mse",
     "mse_zscored", "optimise_intervention", "prepare_problem", "random_control", "random_direction",
@@ -260,30 +258,6 @@ def prepare_problem(
     if config.objective == "gw":
         sep_members = subsample_members(clusters.members, config.gw_max_points, config.seed)
     return InterventionProblem(latents.detach(), target.detach(), decode, clusters, sep_members)
-
-
-class SubspaceDecoder:
-    """An affine SAE decoder restricted to the latents `active`: D_A(z_A) = z_A·W_dec[active] + b_dec,
-    equal to the full decoder on latents that are zero outside `active`."""
-
-    def __init__(self, W_dec: torch.Tensor, b_dec: torch.Tensor, active: np.ndarray) -> None:
-        self.active = np.asarray(active, dtype=np.int64)
-        self.W_dec = W_dec.detach()[torch.from_numpy(self.active)]
-        self.b_dec = b_dec.detach()
-        self.d_sae = int(self.active.size)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
-
-
-def active_subspace(latents: sp.sparray | sp.spmatrix, W_dec: torch.Tensor,
-                    b_dec: torch.Tensor) -> tuple[torch.Tensor, SubspaceDecoder]:
-    """Z (n, |A|) on the union A of the tokens' supports (sparse `latents` (n, K)) and the decoder on A."""
-    latents = sp.csr_array(latents)
-    latents.eliminate_zeros()
-    active = np.unique(latents.indices)
-    dense = latents[:, active].toarray().astype(np.float32)
-    return torch.from_numpy(dense), SubspaceDecoder(W_dec, b_dec, active)
 
 
 # ----------------------------------------------------------------------------- reconstruction

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from saema_core.intervention import (
@@ -134,3 +135,27 @@ def random_control_row(
         final = direction * scale
         steps = control_path(problem, final, config, path)
     return stack_trajectory(steps, final, problem.clusters)
+
+
+class SubspaceDecoder:
+    """An affine SAE decoder restricted to the latents `active`: D_A(z_A) = z_A·W_dec[active] + b_dec,
+    equal to the full decoder on latents that are zero outside `active`."""
+
+    def __init__(self, W_dec: torch.Tensor, b_dec: torch.Tensor, active: np.ndarray) -> None:
+        self.active = np.asarray(active, dtype=np.int64)
+        self.W_dec = W_dec.detach()[torch.from_numpy(self.active)]
+        self.b_dec = b_dec.detach()
+        self.d_sae = int(self.active.size)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+
+
+def active_subspace(latents: sp.sparray | sp.spmatrix, W_dec: torch.Tensor,
+                    b_dec: torch.Tensor) -> tuple[torch.Tensor, SubspaceDecoder]:
+    """Z (n, |A|) on the union A of the tokens' supports (sparse `latents` (n, K)) and the decoder on A."""
+    latents = sp.csr_array(latents)
+    latents.eliminate_zeros()
+    active = np.unique(latents.indices)
+    dense = latents[:, active].toarray().astype(np.float32)
+    return torch.from_numpy(dense), SubspaceDecoder(W_dec, b_dec, active)

@@ -15,13 +15,13 @@ from prefect.cache_policies import NO_CACHE
 from saema_core.baselines import PAPER_STEP_SCALE, paper_search
 from saema_core.intervention import (
     InterventionConfig,
-    active_subspace,
     bounded_sample,
     optimise_intervention,
     random_control,
 )
 from saema_core.row_space import (
     Decomposition,
+    active_subspace,
     decompose_move,
     linear_decoder,
     random_control_row,
@@ -87,7 +87,7 @@ def shared_sae(sae_path: str, sae_hash: str) -> object:
 
 def moving_inputs(csr: sp.csr_array, sae, objective: str) -> tuple[torch.Tensor, object]:
     """Z and the decoder's owner the moves work with: the active-latent subspace and the decoder on it
-    (`saema_core.intervention.active_subspace`), or for the paper-literal search, which z-scores over
+    (`saema_core.row_space.active_subspace`), or for the paper-literal search, which z-scores over
     all K latents, the full dense Z and the SAE."""
     if objective == "paper":
         return torch.from_numpy(csr.toarray().astype(np.float32)), sae

@@ -548,7 +548,7 @@ def _sparse_codes(n: int, k: int, active_per_token: int, seed: int):
 
 
 def test_the_active_subspace_decodes_as_the_full_decoder_and_keeps_only_used_latents():
-    from saema_core.intervention import active_subspace
+    from saema_core.row_space import active_subspace
 
     decoder = LinearDecoder(k=40, d=5, seed=3)
     codes = _sparse_codes(n=6, k=40, active_per_token=3, seed=1)
@@ -562,7 +562,7 @@ def test_the_active_subspace_decodes_as_the_full_decoder_and_keeps_only_used_lat
 
 
 def test_when_every_latent_is_used_the_subspace_move_is_the_full_space_move():
-    from saema_core.intervention import active_subspace
+    from saema_core.row_space import active_subspace
 
     decoder = LinearDecoder(k=8, d=5, seed=2)
     codes = _sparse_codes(n=24, k=8, active_per_token=6, seed=4)
