@@ -153,11 +153,21 @@ def csr_of_dense(tokens: np.ndarray, nonzero: np.ndarray | None = None) -> sp.cs
     return sp.csr_array((tokens.ravel()[flat], flat % K, indptr), shape=(n, K))
 
 
+def canonical_csr(matrix: sp.sparray | sp.spmatrix) -> sp.csr_array:
+    """`matrix`'s nonzeros as a CSR array with sorted column indices and no stored zeros. `matrix` itself
+    is never modified (scipy's in-place clean-ups would rewrite arrays it shares): a copy is made only
+    when there is something to clean."""
+    csr = sp.csr_array(matrix)
+    if (csr.data == 0).any():
+        csr = csr.copy()
+        csr.eliminate_zeros()
+    return csr if csr.has_sorted_indices else csr.sorted_indices()
+
+
 def _compact(tokens: np.ndarray | sp.sparray) -> np.ndarray | sp.csr_array:
     """`tokens (n, K)` as CSR if at most `_SPARSE_DENSITY` of it is nonzero, else dense."""
     if sp.issparse(tokens):
-        tokens = sp.csr_array(tokens)
-        tokens.eliminate_zeros()
+        tokens = canonical_csr(tokens)
         return tokens if tokens.nnz <= _SPARSE_DENSITY * tokens.shape[0] * tokens.shape[1] else tokens.toarray()
     nonzero = tokens != 0
     if np.count_nonzero(nonzero) > _SPARSE_DENSITY * tokens.size:

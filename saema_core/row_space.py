@@ -29,6 +29,7 @@ from saema_core.intervention import (
     translate,
     translation_norm,
 )
+from saema_core.ranks import canonical_csr
 
 
 class Decomposition(NamedTuple):
@@ -154,8 +155,7 @@ class SubspaceDecoder:
 def active_subspace(latents: sp.sparray | sp.spmatrix, W_dec: torch.Tensor,
                     b_dec: torch.Tensor) -> tuple[torch.Tensor, SubspaceDecoder]:
     """Z (n, |A|) on the union A of the tokens' supports (sparse `latents` (n, K)) and the decoder on A."""
-    latents = sp.csr_array(latents)
-    latents.eliminate_zeros()
+    latents = canonical_csr(latents)
     active = np.unique(latents.indices)
     dense = latents[:, active].toarray().astype(np.float32)
     return torch.from_numpy(dense), SubspaceDecoder(W_dec, b_dec, active)

@@ -16,6 +16,7 @@ import scipy.sparse as sp
 import xarray as xr
 import zarr
 
+from saema_core.ranks import canonical_csr
 from storage.activation_store import model_slug
 from storage.locations import canonical
 
@@ -32,9 +33,7 @@ def latent_group(concept: str, hook: str, sae_id: str) -> str:
 def pairs_of_csr(csr: sp.sparray | sp.spmatrix) -> tuple[np.ndarray, np.ndarray]:
     """Sparse (tokens, d_sae) latents → (index, value) arrays (tokens, max active), without densifying:
     each token's nonzeros in ascending latent order, -1 / 0 padded to the most active token."""
-    csr = sp.csr_array(csr)
-    csr.eliminate_zeros()
-    csr.sort_indices()
+    csr = canonical_csr(csr)
     counts = np.diff(csr.indptr)
     width = max(int(counts.max(initial=0)), 1)
     rows = np.repeat(np.arange(csr.shape[0]), counts)

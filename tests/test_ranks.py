@@ -332,3 +332,15 @@ def test_affine_code_spectrum_equals_the_direct_route(on_hyperplane):
         direct, factored = sspd_spectrum(code, mode), sspd_spectrum(code, mode, AffineMap(X, W, b))
         assert rank_estimates(factored)["numerical"] == rank_estimates(direct)["numerical"]
         np.testing.assert_allclose(factored.eigenvalues, direct.eigenvalues, rtol=1e-9, atol=1e-9 * direct.eigenvalues[0])
+
+
+def test_canonical_csr_drops_stored_zeros_and_sorts_without_touching_its_input():
+    from saema_core.ranks import canonical_csr
+
+    matrix = sp.csr_array((np.array([0.0, 2.0, 3.0, 1.0]), np.array([1, 2, 0, 1]), np.array([0, 2, 4])), shape=(2, 3))
+    before = [a.copy() for a in (matrix.data, matrix.indices, matrix.indptr)]
+    clean = canonical_csr(matrix)
+    assert clean.nnz == 3 and clean.has_sorted_indices
+    np.testing.assert_array_equal(clean.toarray(), matrix.toarray())
+    for array, kept in zip((matrix.data, matrix.indices, matrix.indptr), before):
+        np.testing.assert_array_equal(array, kept)
