@@ -9,7 +9,7 @@ from prefect import flow
 from flows.config import CausalStageConfig
 from flows.grid import run_grid
 from saema_core import causal
-from storage.activation_store import activation_store_url, content_hash
+from storage.activation_store import activation_store_url, content_hash, streamed_tokens
 from storage.locations import basename, exists
 from storage.models import ModelSpec
 from storage.plots import plot_causal, plot_path
@@ -64,7 +64,8 @@ def causal_calls(out: str, model_name: str, hooks, sae_refs: list[SAERef], cfg: 
     calls = []
     for hook in hooks:
         corpus = content_hash(url, hook)
-        centroids = residual_centroids(out, model_name, hook, cfg.n_clusters, cfg.cluster_seed, holdout_fraction)
+        centroids = residual_centroids(out, model_name, hook, cfg.n_clusters, cfg.cluster_seed, holdout_fraction,
+                                       model or ModelSpec(name=model_name))
         for beta in cfg.betas:
             for seed in cfg.seeds:
                 calls.append({"out": out, "model_name": model_name, "hook": hook, "base_path": saes[hook].path,
@@ -74,7 +75,8 @@ def causal_calls(out: str, model_name: str, hooks, sae_refs: list[SAERef], cfg: 
                               "ce_model": ce_models[hook] and ce_models[hook][0],
                               "ce_reference": ce_models[hook] and ce_models[hook][1],
                               "content": f"{corpus}|{saes[hook].hash}|{basename(centroids)}",
-                              "init": cfg.init, "dead_tokens": dead_tokens})
+                              "init": cfg.init, "dead_tokens": dead_tokens,
+                              "model": (model or ModelSpec(name=model_name)) if streamed_tokens(url, hook) else None})
     return calls
 
 

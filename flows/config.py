@@ -86,6 +86,10 @@ class ExtractConfig:
     corpus_dtype: str = "float32"
     """How corpus activations are stored: float32, float16 or bfloat16 (half the disk; read back as
     float32). Concept activations stay float32."""
+    stream_corpus: bool = False
+    """Store the activations of the held-out corpus chunks only: SAE training (and the causal stage's
+    fine-tuning) recomputes the training chunks' activations by the model's forward from their stored
+    token ids, as SAELens streams them — for corpora whose activations do not fit on disk."""
     refresh: bool = False
     """Recompute and overwrite groups even when they are complete or hold other inputs."""
 

@@ -80,6 +80,7 @@ def scheduled_pipeline(
     corpus_batch_size: int = ExtractConfig.corpus_batch_size,
     corpus_seq_len: int = ExtractConfig.corpus_seq_len,
     corpus_dtype: str = ExtractConfig.corpus_dtype,
+    stream_corpus: bool = ExtractConfig.stream_corpus,
     refresh: bool = False,
     arch: str = SAEStageConfig.architecture,
     expansion: int = SAEStageConfig.expansion,

@@ -14,8 +14,11 @@ from tasks.extract import ActivationRef, extract_concept, extract_corpus
 
 
 @flow(name="saema-extract", flow_run_name="extract · {cfg.model.label}", log_prints=True)
-def extract_flow(cfg: ExtractConfig = ExtractConfig()) -> list[ActivationRef]:
-    """Stream every concept's prompts, then the training corpus, into the model's store."""
+def extract_flow(cfg: ExtractConfig = ExtractConfig(), holdout_fraction: float = 0.05) -> list[ActivationRef]:
+    """Stream every concept's prompts, then the training corpus, into the model's store.
+
+    `holdout_fraction`: the SAE stage's held-out share of the corpus, the only activations a streamed
+    corpus (`cfg.stream_corpus`) stores."""
     ensure_output_dir(cfg.out)
     lm = load_model(cfg.model)
     for hook in cfg.hooks:
@@ -27,7 +30,7 @@ def extract_flow(cfg: ExtractConfig = ExtractConfig()) -> list[ActivationRef]:
             f" — BELOW the floor of {cfg.min_concept_tokens}: its analyses may not be informative"
         print(f"concept {concept.name}: {ref.n_analysed} analysed tokens from {concept.source}{floor}")
     if cfg.corpus:
-        refs.append(extract_corpus(cfg))
+        refs.append(extract_corpus(cfg, holdout_fraction))
     consolidate(activation_store_url(cfg.out, cfg.model.label))
     computed = sum(ref.computed for ref in refs)
     print(f"activations: {len(refs)} groups × {len(cfg.hooks)} hooks, {computed} computed, "

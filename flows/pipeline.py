@@ -89,7 +89,7 @@ def differing_concepts(out: str, model: str, hook: str, concepts: tuple[str, ...
 def _run_stages(cfg: PipelineConfig, stages: tuple[str, ...]) -> None:
     ex = cfg.extract
     with stage_tags("extract"):
-        refs = extract_flow(ex)
+        refs = extract_flow(ex, cfg.sae.holdout_fraction)
     concepts = tuple(ref.concept for ref in refs if ref.concept is not None)
     for line in differing_concepts(ex.out, ex.model.label, ex.hooks[0], concepts):
         print(f"warning: {line}")

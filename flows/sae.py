@@ -86,10 +86,10 @@ def sae_flow(out: str, model_name: str, hooks: tuple[str, ...], concepts: tuple[
     """
     refs = []
     for hook in hooks:
-        refs.append(train_or_load_sae(out, model_name, hook, "sae", cfg))
+        refs.append(train_or_load_sae(out, model_name, hook, "sae", cfg, model=model))
         if cfg.train_dense:  # the control has the SAE's width unless the user set another
             width = cfg.dense_width or refs[-1].d_sae
-            refs.append(train_or_load_sae(out, model_name, hook, "dense_ae", cfg, width=width))
+            refs.append(train_or_load_sae(out, model_name, hook, "dense_ae", cfg, width=width, model=model))
     for ref in refs:
         for concept in concepts:
             encode_concept(out, model_name, concept, ref)

@@ -81,6 +81,9 @@ def _add_extract_options(parser: argparse.ArgumentParser) -> None:
                         help="tokens per corpus sequence (default: %(default)s)")
     parser.add_argument("--corpus-dtype", default=ExtractConfig.corpus_dtype, choices=["float32", "float16", "bfloat16"],
                         help="how corpus activations are stored; float16/bfloat16 halve the disk (default: %(default)s)")
+    parser.add_argument("--stream-corpus", action="store_true",
+                        help="store the held-out corpus activations only; SAE training recomputes the rest by "
+                             "the model's forward (for corpora whose activations do not fit on disk)")
     parser.add_argument("--refresh", action="store_true",
                         help="recompute and overwrite results that are already complete")
 
@@ -101,7 +104,8 @@ def extract_config(args: argparse.Namespace, model_name: str | None = None) -> E
                              shared_concept_contexts(args.model) if len(args.model) > 1 else None), concept_window=args.concept_window,
                          min_concept_tokens=args.min_concept_tokens, corpus=corpus, batch_size=args.batch_size,
                          corpus_max_tokens=args.corpus_max_tokens, corpus_batch_size=args.corpus_batch_size,
-                         corpus_seq_len=args.corpus_seq_len, corpus_dtype=args.corpus_dtype, refresh=args.refresh)
+                         corpus_seq_len=args.corpus_seq_len, corpus_dtype=args.corpus_dtype,
+                         stream_corpus=args.stream_corpus, refresh=args.refresh)
 
 
 def cmd_extract(args: argparse.Namespace) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,16 +195,16 @@ class GroupWriter:
         return slice(start, start + n)
 
 
-def write_batch(parts: Sequence[tuple[GroupWriter, np.ndarray]], batch: TokenBatch) -> None:
+def write_batch(parts: Sequence[tuple[GroupWriter, np.ndarray | None]], batch: TokenBatch) -> None:
     """Write one batch's activations (one array per group) and its token coordinates into every group,
     then each group's `batch_done` flag (only after all the data, so an interrupted write leaves the
-    batch to be redone).
+    batch to be redone). Activations None: a streamed batch, whose coordinates alone are stored.
 
     Uncompressed arrays of a local store go down as chunk files (storage.chunk_files); the rest in one
     trip to Zarr's I/O loop (a synchronous `array[...] = v` costs a round trip each).
     """
     coords = batch.coords()
-    _write_parts([(writer, {"resid": stored_resid(resid, writer.dtype),
+    _write_parts([(writer, {**({} if resid is None else {"resid": stored_resid(resid, writer.dtype)}),
                             **{k: v for k, v in coords.items() if k in writer.arrays}})
                   for writer, resid in parts], batch.index)
     _write_parts([(writer, {"batch_done": np.ones(1, dtype=bool)}) for writer, _ in parts], batch.index)
@@ -266,7 +266,9 @@ def lost_batches(group: zarr.Group, flagged: set[int]) -> set[int]:
 
     if not flagged:
         return set()
-    return set.union(*(flagged - indices for indices in sync(present())))
+    resid, *coords = sync(present())
+    streamed = set(range(int(group.attrs.get("streamed_batches", 0))))  # their `resid` is never written
+    return set.union(flagged - streamed - resid, *(flagged - indices for indices in coords))
 
 
 def group_complete(url: str, path: str) -> bool:
@@ -323,37 +325,70 @@ def open_activations(url: str, hook: str, concept: str | None = None) -> xr.Data
     return xr.open_zarr(url, group=path, consolidated=False, chunks=None)
 
 
+def held_out_chunks(n_chunks: int, holdout_fraction: float) -> int:
+    """How many of a corpus's `n_chunks` chunks (its last ones) are held out of SAE training."""
+    return max(1, round(n_chunks * holdout_fraction)) if n_chunks > 1 else 0
+
+
+def streamed_tokens(url: str, hook: str) -> int:
+    """How many leading tokens of the corpus group have no stored activations: they are recomputed by
+    the model's forward whenever they are read for training (`--stream-corpus`; 0 for a stored corpus)."""
+    group = zarr.open_group(url, path=group_path(hook), mode="r", use_consolidated=False)
+    return int(group.attrs.get("streamed_batches", 0)) * group["resid"].chunks[0]
+
+
 def corpus_chunks(url: str, hook: str, holdout_fraction: float) -> tuple[list[slice], list[slice]]:
-    """The corpus group's chunk regions, split into training and held-out (the last chunks)."""
+    """The corpus group's chunk regions, split into training and held-out (the last chunks).
+
+    A streamed corpus (`--stream-corpus`) fixed its split when it was extracted (only the held-out
+    chunks hold activations); another `holdout_fraction` is refused."""
     group = zarr.open_group(url, path=group_path(hook), mode="r", use_consolidated=False)
     n, chunk = group["resid"].shape[0], group["resid"].chunks[0]
     regions = [slice(start, min(start + chunk, n)) for start in range(0, n, chunk)]
-    n_holdout = max(1, round(len(regions) * holdout_fraction)) if len(regions) > 1 else 0
+    n_holdout = held_out_chunks(len(regions), holdout_fraction)
+    streamed = int(group.attrs.get("streamed_batches", 0))
+    if streamed and streamed != len(regions) - n_holdout:
+        raise StoreError(f"{url}/{group_path(hook)} was extracted with --stream-corpus, storing the activations of "
+                         f"its last {len(regions) - streamed} of {len(regions)} chunks as the held-out set; a held-out "
+                         f"fraction of {holdout_fraction} asks for {n_holdout}. Re-extract it with --refresh, or keep "
+                         f"the fraction it was extracted with")
     return regions[: len(regions) - n_holdout], regions[len(regions) - n_holdout :]
 
 
 def read_region(url: str, hook: str, region: slice, concept: str | None = None) -> np.ndarray:
     """Analysed-token activations (mask True) of one region, float32 (tokens, d_model)."""
     group = zarr.open_group(url, path=group_path(hook, concept), mode="r", use_consolidated=False)
+    if region.start < int(group.attrs.get("streamed_batches", 0)) * group["resid"].chunks[0]:  # never-written chunks would read as zeros
+        raise StoreError(f"{url}/{group_path(hook, concept)}: tokens {region.start}–{region.stop} were streamed "
+                         f"(--stream-corpus), not stored; read them through tasks.training_tokens")
     resid, mask = group["resid"][region], group["mask"][region]
     return np.ascontiguousarray(float32_resid(resid[mask]))
 
 
+def read_token_ids(url: str, hook: str, region: slice) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and analysed-token mask of one corpus region, as (sequences, seq_len) arrays."""
+    group = zarr.open_group(url, path=group_path(hook), mode="r", use_consolidated=False)
+    seq_len = int(group.attrs["seq_len"])
+    return group["token_id"][region].reshape(-1, seq_len), group["mask"][region].reshape(-1, seq_len)
+
+
 def training_batches(url: str, hook: str, regions: list[slice], batch_size: int, seed: int,
-                     window: int = 8) -> Iterator[np.ndarray]:
+                     window: int = 8, read: Callable[[slice], np.ndarray] | None = None) -> Iterator[np.ndarray]:
     """Endless shuffled minibatches of analysed corpus tokens; memory bounded by `window` chunks.
 
     Every epoch visits the chunks in a new seeded order, `window` chunks at a time, shuffles their
-    tokens and yields full batches (the remainder carries over to the next window).
+    tokens and yields full batches (the remainder carries over to the next window). `read` gives a
+    region's analysed activations (default `read_region`; a streamed corpus passes its forward).
     """
     if not regions:
         raise StoreError(f"{url}/{group_path(hook)} has no training chunks")
+    read = read or (lambda region: read_region(url, hook, region))
     rng = np.random.default_rng(seed)
     carry = np.empty((0, 0), dtype=np.float32)
     while True:
         order = rng.permutation(len(regions))
         for start in range(0, len(order), window):
-            tokens = [read_region(url, hook, regions[i]) for i in order[start : start + window]]
+            tokens = [read(regions[i]) for i in order[start : start + window]]
             pool = np.concatenate([carry, *tokens]) if carry.size else np.concatenate(tokens)
             pool = pool[rng.permutation(len(pool))]
             n_full = len(pool) // batch_size * batch_size

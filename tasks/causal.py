@@ -25,35 +25,27 @@ from tasks.caching import code_version
 from tasks.progress import StageProgress
 from tasks.sae import CE_SEQUENCES, cached_sae, ce_loss_values
 from tasks.threads import pinned_threads
+from tasks.training_tokens import first_training_tokens, training_batches
 
 #: SAE architectures the trainer can fine-tune (`saema_core.sae_training`).
 TRAINABLE = ("topk", "standard")
 KMEANS_TOKENS = 16_384  # training-corpus tokens the residual clusters are fitted on
 
 
-def _fit_centroids(url: str, hook: str, n_clusters: int, seed: int, holdout_fraction: float) -> np.ndarray:
-    regions, _ = store.corpus_chunks(url, hook, holdout_fraction)
-    rows, n = [], 0
-    for region in regions:
-        rows.append(store.read_region(url, hook, region))
-        n += len(rows[-1])
-        if n >= KMEANS_TOKENS:
-            break
-    return fit_residual_clusters(np.concatenate(rows)[:KMEANS_TOKENS], n_clusters, seed)
-
-
 def residual_centroids(out: str, model_name: str, hook: str, n_clusters: int, seed: int,
-                       holdout_fraction: float) -> str:
+                       holdout_fraction: float, model: ModelSpec | None = None) -> str:
     """Where the hook's k-means centroids of up to `KMEANS_TOKENS` training-corpus residuals (seeded)
     are stored — the local representations of the causal test, fixed before any SAE is fine-tuned.
-    Fitted once per corpus and setting (the file name carries their content key)."""
+    Fitted once per corpus and setting (the file name carries their content key). `model` recomputes
+    the residuals of a streamed corpus."""
     url = store.activation_store_url(out, model_name)
     key = config_hash({"corpus": store.content_hash(url, hook), "n_clusters": n_clusters, "seed": seed,
                        "holdout": holdout_fraction, "tokens": KMEANS_TOKENS})[:16]
     path = join(out, "saes", model_slug(model_name), hook, "causal", f"residual-clusters-{key}.npy")
     if not exists(path):
         buffer = io.BytesIO()
-        np.save(buffer, _fit_centroids(url, hook, n_clusters, seed, holdout_fraction), allow_pickle=False)
+        residuals = first_training_tokens(url, hook, holdout_fraction, KMEANS_TOKENS, model)
+        np.save(buffer, fit_residual_clusters(residuals, n_clusters, seed), allow_pickle=False)
         write_bytes(path, buffer.getvalue())
     return path
 
@@ -71,10 +63,10 @@ def causal_sae_folder(out: str, model_name: str, hook: str, base_id: str, beta: 
 
 
 def _train(url: str, hook: str, base, centroids, beta: float, seed: int, steps: int, batch_size: int,
-           holdout_fraction: float, dead_tokens: int, from_scratch: bool, metadata: dict):
+           holdout_fraction: float, dead_tokens: int, from_scratch: bool, metadata: dict,
+           model: ModelSpec | None):
     """Train with the separability term: from `base`'s weights, or from the seed's initialisation."""
-    regions, _ = store.corpus_chunks(url, hook, holdout_fraction)
-    batches = (torch.from_numpy(b) for b in store.training_batches(url, hook, regions, batch_size, seed))
+    batches = (torch.from_numpy(b) for b in training_batches(url, hook, holdout_fraction, batch_size, seed, model))
     train_cfg = TrainingConfig(n_steps=steps, batch_size=batch_size, seed=seed, dead_tokens_threshold=dead_tokens)
     cfg = dataclasses.replace(base.cfg, metadata=metadata)
     with StageProgress(f"causal {hook} β {beta:+g} seed {seed}", total=steps) as progress:
@@ -107,14 +99,15 @@ def causal_cell(out: str, model_name: str, hook: str, base_path: str, base_id: s
                 beta: float, seed: int, steps: int, batch_size: int, holdout_fraction: float,
                 ce_model: ModelSpec | None = None, ce_reference: tuple[float, float] | None = None,
                 ce_sequences: int = CE_SEQUENCES, content: str = "",
-                init: str = "base", dead_tokens: int = 100_000) -> dict:
+                init: str = "base", dead_tokens: int = 100_000, model: ModelSpec | None = None) -> dict:
     """Train an SAE of the base SAE's shape `steps` steps with the separability term at `beta` (batch
     order, and with init "scratch" the initialisation, from `seed`; init "base" fine-tunes the base
     SAE), save it beside the base SAE, and measure it on the held-out corpus tokens.
 
     `ce_model`: compute `ce_loss_score` through this model's LM head (None: the hook has none), on
     `sae_eval`'s held-out sequences, whose clean and zero-ablation losses `ce_reference` brings along.
-    `content` fingerprints what the cell reads (part of the cache key, see tasks/caching.py)."""
+    `content` fingerprints what the cell reads (part of the cache key, see tasks/caching.py); `model`
+    recomputes the training activations of a streamed corpus (`--stream-corpus`)."""
     keep_freed_memory()
     url = store.activation_store_url(out, model_name)
     base, centroids = load_sae(base_path), read_centroids(centroids_path)
@@ -134,7 +127,7 @@ def causal_cell(out: str, model_name: str, hook: str, base_path: str, base_id: s
             metadata = provenance(model_name=model_name, hook_name=hook, saema_training_key=key, causal_beta=beta,
                                   causal_seed=seed, causal_init=init, base_sae=base_id)
             result = _train(url, hook, base, centroids, beta, seed, steps, batch_size, holdout_fraction, dead_tokens,
-                            from_scratch, metadata)
+                            from_scratch, metadata, model)
             sae = result.sae
             save_sae(sae, folder)
             write_text(join(folder, "training_history.json"), json.dumps(result.history.as_dict()))

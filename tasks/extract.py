@@ -34,11 +34,11 @@ class ActivationRef:
     n_analysed: int = 0
 
 
-def _forward(lm: LoadedModel, batch: TokenBatch, hooks: tuple[str, ...]) -> dict[str, np.ndarray]:
-    inputs = {
-        "input_ids": torch.from_numpy(batch.input_ids).to(lm.device),
-        "attention_mask": torch.from_numpy(batch.attention_mask).to(lm.device),
-    }
+def forward_residuals(lm: LoadedModel, input_ids: np.ndarray, attention_mask: np.ndarray,
+                      hooks: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """One forward of (rows, seq_len) token ids → {hook: (rows · seq_len, d_model) float32}."""
+    inputs = {"input_ids": torch.from_numpy(input_ids).to(lm.device),
+              "attention_mask": torch.from_numpy(attention_mask).to(lm.device)}
     captured = capture_residuals(lm.model, inputs, hooks)
     return {h: t.reshape(-1, t.shape[-1]).float().cpu().numpy() for h, t in captured.items()}
 
@@ -59,8 +59,9 @@ def _writers(cfg: ExtractConfig, lm: LoadedModel, url: str, plan: BatchPlan, con
 
 
 def _stream(lm: LoadedModel, writers: dict, batches: Iterable[TokenBatch],
-            todo: dict[str, set[int]], label: str) -> None:
-    """Forward each pending batch once, capturing only the hooks that still lack it, and write it.
+            todo: dict[str, set[int]], label: str, streamed: int = 0) -> None:
+    """Forward each pending batch once, capturing only the hooks that still lack it, and write it;
+    the first `streamed` batches (`--stream-corpus`) get their token coordinates only, no forward.
 
     Writes are synchronous: a writer thread overlapping batch i's write with batch i + 1's forward
     measured the same on 2 cores, with torch on 2 threads or on 1 (BENCHMARKS.md).
@@ -72,7 +73,8 @@ def _stream(lm: LoadedModel, writers: dict, batches: Iterable[TokenBatch],
             hooks = tuple(h for h in writers if batch.index in todo[h])
             if not hooks:
                 continue
-            activations = _forward(lm, batch, hooks)
+            activations = (dict.fromkeys(hooks) if batch.index < streamed else
+                           forward_residuals(lm, batch.input_ids, batch.attention_mask, hooks))
             store.write_batch([(writers[hook], values) for hook, values in activations.items()], batch)
             progress.advance(1)
 
@@ -107,8 +109,12 @@ def extract_concept(cfg: ExtractConfig, concept: Concept) -> ActivationRef:
 
 @task(name="extract-corpus", task_run_name="extract corpus {cfg.corpus}", cache_policy=NO_CACHE,
       retries=1, retry_delay_seconds=2)
-def extract_corpus(cfg: ExtractConfig) -> ActivationRef:
-    """Stream the training corpus through the model; memory stays bounded by one batch."""
+def extract_corpus(cfg: ExtractConfig, holdout_fraction: float = 0.05) -> ActivationRef:
+    """Stream the training corpus through the model; memory stays bounded by one batch.
+
+    With `cfg.stream_corpus` only the held-out chunks (`holdout_fraction`, the last ones) get
+    activations; the training chunks keep their token coordinates, and training recomputes their
+    activations by the model's forward (tasks.training_tokens)."""
     lm = load_model(cfg.model)
     url = store.activation_store_url(cfg.out, cfg.model.label)
     store.open_store(url, _identity(cfg, lm))
@@ -116,11 +122,16 @@ def extract_corpus(cfg: ExtractConfig) -> ActivationRef:
                        cfg.corpus_max_tokens)
     if cfg.corpus_dtype != "float32":  # other bytes: SAEs trained on them are other SAEs
         plan = replace(plan, content_hash=f"{plan.content_hash}:{cfg.corpus_dtype}")
-    writers = _writers(cfg, lm, url, plan, None)
+    streamed = plan.n_batches - store.held_out_chunks(plan.n_batches, holdout_fraction) if cfg.stream_corpus else 0
+    if streamed:  # another split stores other chunks
+        plan = replace(plan, content_hash=f"{plan.content_hash}:stream{plan.n_batches - streamed}")
+    writers = _writers(cfg, lm, url, plan, None, {"streamed_batches": streamed} if streamed else None)
     todo = _todo(writers, plan.n_batches)
     pending = set().union(*todo.values())
     if pending:
         skip = set(range(plan.n_batches)) - pending
         batches = corpus_batches(lm.tokenizer, cfg.corpus, plan, skip=skip)
-        _stream(lm, writers, batches, todo, f"extract corpus ({plan.n_tokens} tokens)")
+        _stream(lm, writers, batches, todo, f"extract corpus ({plan.n_tokens} tokens"
+                + (f", activations of the last {plan.n_batches - streamed} of {plan.n_batches} chunks)" if streamed
+                   else ")"), streamed)
     return ActivationRef(url, None, cfg.hooks, plan.content_hash, plan.n_tokens, bool(pending))

@@ -25,6 +25,7 @@ from storage.provenance import config_hash, provenance
 from storage.sae_checkpoints import load_sae, sae_hash, save_sae
 from storage.sae_releases import resolve_checkpoint
 from tasks.progress import StageProgress
+from tasks.training_tokens import training_batches
 
 SAE_KINDS = ("sae", "dense_ae")
 CE_SEQUENCES = 32  # held-out corpus sequences for the spliced-in CE loss: 3 forwards each
@@ -67,14 +68,14 @@ def cached_sae(folder: str, key: str) -> SAE | None:
     return load_sae(folder) if metadata.get("saema_training_key") == key else None
 
 
-def _train(cfg: SAEStageConfig, kind: str, url: str, hook: str, d_model: int, width: int, metadata: dict) -> tuple:
+def _train(cfg: SAEStageConfig, kind: str, url: str, hook: str, d_model: int, width: int, metadata: dict,
+           model: ModelSpec | None) -> tuple:
     architecture = "dense" if kind == "dense_ae" else cfg.architecture
     sae_cfg = training_sae_config(d_model, width, architecture, cfg.k, metadata)
     train_cfg = TrainingConfig(n_steps=cfg.n_steps, batch_size=cfg.batch_size, seed=cfg.seed,
                                dead_tokens_threshold=cfg.dead_tokens)
-    regions, _ = store.corpus_chunks(url, hook, cfg.holdout_fraction)
     batches = (torch.from_numpy(b) for b in
-               store.training_batches(url, hook, regions, cfg.batch_size, cfg.seed))
+               training_batches(url, hook, cfg.holdout_fraction, cfg.batch_size, cfg.seed, model))
     with StageProgress(f"train {kind} {hook}", total=cfg.n_steps) as progress:
         result = train_sae(sae_cfg, train_cfg, batches, progress=lambda step, stats: progress.advance(1))
     return result.sae, result.history
@@ -82,11 +83,12 @@ def _train(cfg: SAEStageConfig, kind: str, url: str, hook: str, d_model: int, wi
 
 @task(name="train-or-load-sae", task_run_name="sae {kind} {hook}", cache_policy=NO_CACHE)
 def train_or_load_sae(out: str, model_name: str, hook: str, kind: str, cfg: SAEStageConfig,
-                      width: int | None = None) -> SAERef:
+                      width: int | None = None, model: ModelSpec | None = None) -> SAERef:
     """The user's checkpoint for this hook, a cached SAE with the same training key, or a new one.
 
     `width`: latents of the SAE to train (default expansion × d_model); the flow passes the dense
-    control the width of the hook's SAE (`SAEStageConfig.dense_width` overrides it)."""
+    control the width of the hook's SAE (`SAEStageConfig.dense_width` overrides it). `model`
+    (default: `model_name` with default loading options) recomputes a streamed corpus's activations."""
     url = store.activation_store_url(out, model_name)
     corpus = store.open_activations(url, hook)
     d_model = corpus.sizes["d_model"]
@@ -102,7 +104,7 @@ def train_or_load_sae(out: str, model_name: str, hook: str, kind: str, cfg: SAES
     if sae is None:
         metadata = provenance(model_name=model_name, hook_name=hook, saema_training_key=key,
                               corpus_hash=corpus.attrs["content_hash"])
-        sae, history = _train(cfg, kind, url, hook, d_model, width, metadata)
+        sae, history = _train(cfg, kind, url, hook, d_model, width, metadata, model or ModelSpec(name=model_name))
         save_sae(sae, folder)
         write_text(join(folder, "training_history.json"), json.dumps(history.as_dict()))
     return SAERef(folder, basename(folder), kind, sae_hash(sae), hook, sae.cfg.d_sae)
