@@ -12,7 +12,7 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from saema_core.baselines import PAPER_STEP_SCALE, paper_search
+from saema_core.baselines import PAPER_STEP_SCALE, PaperSearch
 from saema_core.intervention import (
     InterventionConfig,
     bounded_sample,
@@ -142,13 +142,13 @@ def _alpha_cell(z, labels, x, sae, config: InterventionConfig, control_seed: int
 def _paper_runs(z, labels, x, sae, base: InterventionConfig, direction: int, alphas, seeds,
                 step_scale: float) -> list[list[dict]]:
     """The paper-literal search for every (α, seed): ΔSep, raw and z-scored ΔMSE, accepted steps."""
-    weights, _ = _decoder_weights(sae.decode, z.shape[1])  # read once, not per search
+    weights, _ = _decoder_weights(sae.decode, z.shape[1])
+    search = PaperSearch(z, labels, sae.decode, x, weights)  # z-scored once; each seed's draws shared by every α
     runs = []
     for alpha in alphas:
         row = []
         for seed in seeds:
-            t = paper_search(z, labels, sae.decode, x, alpha, base.lam, direction, seed=seed, step_scale=step_scale,
-                             weights=weights)
+            t = search.run(alpha, base.lam, direction, seed=seed, step_scale=step_scale)
             row.append({"delta_sep": t.delta_separability, "delta_mse": t.delta_mse,
                         "delta_mse_zscored": float(t.mse_zscored[-1] - t.mse_zscored[0]),
                         "accepted": int((np.diff(t.objective) != 0).sum())})

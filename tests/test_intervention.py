@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from saema_core.baselines import paper_search, random_search
+from saema_core.baselines import PaperSearch, paper_search, random_search
 from saema_core.intervention import (
     ALPHAS,
     InterventionConfig,
@@ -524,6 +524,22 @@ def test_paper_search_from_the_cluster_shifts_of_an_affine_decoder_equals_the_se
             np.testing.assert_allclose(getattr(shifted, name), getattr(generic, name), rtol=1e-10, atol=1e-12,
                                        err_msg=name)  # the closed form is exactly 0 where the generic is round-off
         assert (np.diff(shifted.objective) != 0).any()  # some proposals were accepted
+
+
+def test_one_prepared_paper_search_gives_every_alpha_and_seed_what_a_fresh_search_gives():
+    """PaperSearch shares the z-scoring and each seed's draws (and their projections) across runs: in any
+    order, every run equals `paper_search` called alone."""
+    decoder = LinearDecoder(k=40, d=6, seed=4)
+    codes = torch.from_numpy(_sparse_codes(n=24, k=40, active_per_token=5, seed=5).toarray())
+    x = decoder.decode(codes) + 0.05 * torch.randn(24, 6, generator=torch.Generator().manual_seed(1), dtype=F64)
+    labels = np.repeat([0, 1, 2, 3], 6)
+    search = PaperSearch(codes, labels, decoder.decode, x)
+    for alpha, seed in [(1.5, 2), (0.5, 1), (1.5, 1), (0.5, 2)]:
+        shared = search.run(alpha, direction=-1, seed=seed, step_scale=0.05)
+        alone = paper_search(codes, labels, decoder.decode, x, alpha, direction=-1, seed=seed, step_scale=0.05)
+        for name in ("objective", "separability", "mse", "displacement_norm"):
+            np.testing.assert_array_equal(getattr(shared, name), getattr(alone, name), err_msg=name)
+        np.testing.assert_array_equal(shared.translations, alone.translations)
 
 
 def test_paper_search_refuses_bad_settings():
