@@ -117,6 +117,9 @@ class ExtractConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
         if self.prompt_file:
             object.__setattr__(self, "concept_source", self.prompt_file)
+        if self.stream_corpus and not self.corpus:
+            raise ValueError("--stream-corpus streams the training corpus, but --corpus is none; give a corpus or "
+                             "drop --stream-corpus")
         if self.concept_source == "corpus" and not self.corpus:
             raise ValueError("--concept-source corpus draws contexts from the corpus, but --corpus is none; "
                              "give a corpus or use --concept-source templates")

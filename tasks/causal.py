@@ -12,6 +12,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from saema_core.causal import SeparabilityAccumulator, SeparabilityTerm, fit_residual_clusters
+from saema_core.sae.sparse import chunk_rows
 from saema_core.sae_metrics import ReconstructionMetricsAccumulator
 from saema_core.sae_training import TrainingConfig, train_sae
 from storage import activation_store as store
@@ -83,10 +84,10 @@ def held_out_outcome(url: str, hook: str, sae, centroids, holdout_fraction: floa
     separability = SeparabilityAccumulator(centroids, sae.cfg.d_sae)
     with torch.inference_mode():
         for region in held_out:
-            x = torch.from_numpy(store.read_region(url, hook, region))
-            latents, reconstruction = sae(x)
-            metrics.update(x, reconstruction, latents)
-            separability.update(x, latents)
+            for x in torch.from_numpy(store.read_region(url, hook, region)).split(chunk_rows(sae.cfg.d_sae)):
+                latents, reconstruction = sae(x)  # tokens × d_sae at once within a fixed budget
+                metrics.update(x, reconstruction, latents)
+                separability.update(x, latents)
     result = metrics.compute()
     aedp, ratio = separability.compute()
     return {"mse": float(result.mse), "explained_variance": float(result.explained_variance),

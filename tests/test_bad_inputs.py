@@ -275,6 +275,8 @@ ROWS = [
     Row("corpus file missing", ["run", "--corpus", "/nonexistent/corpus.txt"], 2, "does not exist"),
     Row("corpus contexts without a corpus", ["run", "--concept-source", "corpus", "--corpus", "none"], 2,
         "--corpus is none"),
+    Row("streamed corpus without a corpus", ["run", "--stream-corpus", "--corpus", "none"], 2,
+        "--stream-corpus streams the training corpus, but --corpus is none"),
     # -- SAE settings ----------------------------------------------------------------------------------
     Row("k wider than the SAE", ["run", "--k", "500"], 2, "more than the SAE's 128 latents"),
     Row("--sae for a hook not analysed", ["run", "--sae", "blocks.0.hook_resid_post={files}"], 2,
