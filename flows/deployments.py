@@ -30,6 +30,7 @@ from flows.run_labels import config_tags, run_label
 from flows.summary import publish_run_summary, run_cells
 from storage.corpus import DEFAULT_CORPUS
 from storage.model_spec import DEFAULT_MODEL, model_label
+from tasks.allocator import set_encode_elements
 
 # Argparse names whose deployment parameter is called otherwise.
 RENAMED = {"model": "models"}
@@ -97,6 +98,7 @@ def scheduled_pipeline(
     noise_seed: int = StratifyConfig.seed,
     dask_address: str | None = None,
     workers: int = StratifyConfig.n_workers,
+    encode_elements: int | None = None,
     umap_seeds: tuple[int, ...] = StructureStageConfig.seeds,
     min_cluster_size: int = StructureStageConfig.min_cluster_size,
     n_neighbors: int = StructureStageConfig.n_neighbors,
@@ -133,6 +135,7 @@ def scheduled_pipeline(
     if not models:
         raise ValueError("models is empty: name at least one model")
     args = run_arguments(parameters)
+    set_encode_elements(args.encode_elements)  # before the Dask workers start: they inherit it
     configs = [pipeline_config(args, name) for name in dict.fromkeys(args.model)]
     for cfg in configs:
         preflight(cfg, stages)

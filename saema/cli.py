@@ -172,6 +172,10 @@ def _add_dask_options(parser: argparse.ArgumentParser) -> None:
                        help="tcp://host:8786 of an existing Dask scheduler (default: a local cluster)")
     group.add_argument("--workers", type=int, default=StratifyConfig.n_workers,
                        help="workers of the local Dask cluster (default: %(default)s)")
+    group.add_argument("--encode-elements", type=int, default=None, metavar="N",
+                       help="SAE pre-activations (tokens × latents) a task holds at once when encoding: the memory "
+                            "bound at large SAE widths; results do not change (default: 2^24, 64 MiB of float32; "
+                            "also $SAEMA_ENCODE_ELEMENTS, which a remote cluster's workers need)")
 
 
 def stratify_config(args: argparse.Namespace) -> StratifyConfig:
@@ -288,8 +292,10 @@ def pipeline_command(*stages: str) -> Callable[[argparse.Namespace], None]:
         from flows.pipeline import STAGES, saema_models, saema_pipeline
         from flows.preflight import preflight
         from flows.run_labels import config_tags
+        from tasks.allocator import set_encode_elements
 
         # Bad options, prompts and stores fail here, before a Prefect server starts.
+        set_encode_elements(args.encode_elements)  # before the Dask workers start: they inherit it
         configs = [pipeline_config(args, name) for name in dict.fromkeys(args.model)]
         for cfg in configs:
             preflight(cfg, stages or STAGES)

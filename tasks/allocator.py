@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import threading
 
 _M_TRIM_THRESHOLD = -1
@@ -44,3 +45,31 @@ def _set_thresholds() -> bool:
     except (OSError, AttributeError, TypeError):
         return False
     return bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)) and bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD))
+
+
+#: The environment variable of `--encode-elements`: read by every task that encodes, in the CLI's process
+#: and in the Dask workers it starts (a remote cluster's workers need it in their own environment).
+ENCODE_ELEMENTS_ENV = "SAEMA_ENCODE_ELEMENTS"
+
+
+def encode_elements() -> int:
+    """SAE pre-activations (tokens × d_sae) a task holds at once when it encodes: `$SAEMA_ENCODE_ELEMENTS`,
+    else `saema_core.sae.sparse.ENCODE_ELEMENTS` (2²⁴, 64 MiB of float32). The latents do not depend on
+    it (`encode_csr` equals `encode` at any chunking), so it is a memory setting, not a cache key."""
+    from saema_core.sae.sparse import ENCODE_ELEMENTS
+
+    value = os.environ.get(ENCODE_ELEMENTS_ENV, "").strip()
+    if not value:
+        return ENCODE_ELEMENTS
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"${ENCODE_ELEMENTS_ENV} (--encode-elements) must be a whole number ≥ 1, got {value!r}")
+    return int(value)
+
+
+def set_encode_elements(n: int | None) -> None:
+    """`--encode-elements`: set the budget for this process and the workers it starts (None: leave it)."""
+    if n is None:
+        return
+    if n < 1:
+        raise ValueError(f"--encode-elements must be ≥ 1, got {n}")
+    os.environ[ENCODE_ELEMENTS_ENV] = str(n)

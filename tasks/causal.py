@@ -21,7 +21,7 @@ from storage.locations import canonical, exists, join, read_bytes, write_bytes, 
 from storage.models import ModelSpec
 from storage.provenance import config_hash, provenance
 from storage.sae_checkpoints import load_sae, save_sae
-from tasks.allocator import keep_freed_memory
+from tasks.allocator import encode_elements, keep_freed_memory
 from tasks.caching import code_version
 from tasks.progress import StageProgress
 from tasks.sae import CE_SEQUENCES, cached_sae, ce_loss_values
@@ -84,7 +84,7 @@ def held_out_outcome(url: str, hook: str, sae, centroids, holdout_fraction: floa
     separability = SeparabilityAccumulator(centroids, sae.cfg.d_sae)
     with torch.inference_mode():
         for region in held_out:
-            for x in torch.from_numpy(store.read_region(url, hook, region)).split(chunk_rows(sae.cfg.d_sae)):
+            for x in torch.from_numpy(store.read_region(url, hook, region)).split(chunk_rows(sae.cfg.d_sae, encode_elements())):
                 latents, reconstruction = sae(x)  # tokens × d_sae at once within a fixed budget
                 metrics.update(x, reconstruction, latents)
                 separability.update(x, latents)

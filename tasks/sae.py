@@ -24,6 +24,7 @@ from storage.models import ModelSpec, load_lm_head_model
 from storage.provenance import config_hash, provenance
 from storage.sae_checkpoints import load_sae, sae_hash, save_sae
 from storage.sae_releases import resolve_checkpoint
+from tasks.allocator import encode_elements
 from tasks.progress import StageProgress
 from tasks.training_tokens import training_batches
 
@@ -118,7 +119,7 @@ def encode_concept(out: str, model_name: str, concept: str, ref: SAERef) -> str:
     url, group = latent_store.latent_store_url(out, model_name), latent_store.latent_group(concept, ref.hook, ref.sae_id)
     if latent_store.latents_key(url, group) != key:
         mask, sae = acts["mask"].values, load_sae(ref.path)
-        index, values = latent_store.pairs_of_csr(encode_csr(sae, acts.resid.values[mask]))
+        index, values = latent_store.pairs_of_csr(encode_csr(sae, acts.resid.values[mask], encode_elements()))
         coords = {name: acts[name].values[mask] for name in ("prompt_id", "position", "token_id", "token_str")}
         attrs = provenance(model=model_name, hook=ref.hook, concept=concept, sae_id=ref.sae_id,
                            sae_hash=ref.hash, sae_kind=ref.kind, d_sae=sae.cfg.d_sae,
@@ -140,7 +141,7 @@ def evaluate_sae(out: str, model_name: str, ref: SAERef, holdout_fraction: float
     sae = load_sae(ref.path)
     _, held_out = store.corpus_chunks(url, ref.hook, holdout_fraction)
     metrics = ReconstructionMetricsAccumulator(sae.cfg.d_sae)
-    rows = chunk_rows(sae.cfg.d_sae)  # tokens × d_sae latents held at once stay within a fixed budget
+    rows = chunk_rows(sae.cfg.d_sae, encode_elements())  # tokens × d_sae held at once: a set budget
     with torch.inference_mode():
         for region in held_out:
             tokens = torch.from_numpy(store.read_region(url, ref.hook, region))

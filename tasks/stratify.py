@@ -23,7 +23,7 @@ from saema_core.strata import support_strata
 from saema_core.stratification import analyse_cell
 from storage import activation_store as store
 from storage.sae_checkpoints import load_sae
-from tasks.allocator import keep_freed_memory
+from tasks.allocator import encode_elements, keep_freed_memory
 from tasks.threads import pinned_threads
 
 SPACES = ("resid", "latent", "dense_ae")
@@ -59,7 +59,8 @@ def encoder_for(space: str, sae_path: str | None) -> Callable[[np.ndarray], np.n
         return lambda x: x
     sae = load_sae(sae_path)
     if sae.cfg.architecture != "dense":
-        return lambda x: encode_csr(sae, x)
+        budget = encode_elements()
+        return lambda x: encode_csr(sae, x, budget)
 
     def encode(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

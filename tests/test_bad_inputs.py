@@ -291,6 +291,7 @@ ROWS = [
     Row("zero corpus tokens", ["run", "--corpus-max-tokens", "0"], 2, "corpus_max_tokens must be ≥ 1"),
     Row("tiny HDBSCAN clusters", ["run", "--min-cluster-size", "1"], 2, "min_cluster_size"),
     Row("zero workers", ["run", "--workers", "0"], 2, "workers"),
+    Row("zero encoding budget", ["run", "--encode-elements", "0"], 2, "--encode-elements must be ≥ 1"),
     # -- reading results -----------------------------------------------------------------------------
     Row("query of a folder without results", ["query", "--out", "{files}/nowhere"], 2, "no results at",
         base=False),

@@ -307,3 +307,31 @@ def test_a_new_architecture_registers_and_builds():
 def test_an_sae_class_refuses_a_config_of_another_architecture():
     with pytest.raises(ValueError, match="is built by StandardSAE, not TopKSAE"):
         SAE_REGISTRY["topk"](build_cfg(architecture="standard"))
+
+
+def test_the_encoding_budget_comes_from_the_environment_and_leaves_the_latents_unchanged(tmp_path, monkeypatch):
+    """`--encode-elements` sets $SAEMA_ENCODE_ELEMENTS, which a stratify cell's encoder passes to encode_csr."""
+    from saema_core.sae.sparse import ENCODE_ELEMENTS
+    from storage.sae_checkpoints import save_sae
+    from tasks import stratify
+    from tasks.allocator import ENCODE_ELEMENTS_ENV, encode_elements, set_encode_elements
+
+    sae = build_sae(SAEConfig(architecture="topk", d_in=8, d_sae=32, k=4))
+    save_sae(sae, tmp_path / "sae")
+    x = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
+    monkeypatch.delenv(ENCODE_ELEMENTS_ENV, raising=False)
+    assert encode_elements() == ENCODE_ELEMENTS
+    default = stratify.encoder_for("latent", str(tmp_path / "sae"))(x)
+    budgets = []
+    real = stratify.encode_csr
+    monkeypatch.setattr(stratify, "encode_csr", lambda s, v, budget: budgets.append(budget) or real(s, v, budget))
+    monkeypatch.setenv(ENCODE_ELEMENTS_ENV, "96")  # 3 tokens at a time
+    small = stratify.encoder_for("latent", str(tmp_path / "sae"))(x)
+    assert budgets == [96]
+    assert (small != default).nnz == 0
+    for bad in ("0", "-5", "lots"):
+        monkeypatch.setenv(ENCODE_ELEMENTS_ENV, bad)
+        with pytest.raises(ValueError, match="SAEMA_ENCODE_ELEMENTS"):
+            encode_elements()
+    with pytest.raises(ValueError, match="--encode-elements must be ≥ 1"):
+        set_encode_elements(0)
