@@ -358,7 +358,8 @@ def corpus_chunks(url: str, hook: str, holdout_fraction: float) -> tuple[list[sl
 def read_region(url: str, hook: str, region: slice, concept: str | None = None) -> np.ndarray:
     """Analysed-token activations (mask True) of one region, float32 (tokens, d_model)."""
     group = zarr.open_group(url, path=group_path(hook, concept), mode="r", use_consolidated=False)
-    if region.start < int(group.attrs.get("streamed_batches", 0)) * group["resid"].chunks[0]:  # never-written chunks would read as zeros
+    streamed = int(group.attrs.get("streamed_batches", 0)) * group["resid"].chunks[0]
+    if region.start < streamed:  # chunks never written would read as zeros
         raise StoreError(f"{url}/{group_path(hook, concept)}: tokens {region.start}–{region.stop} were streamed "
                          f"(--stream-corpus), not stored; read them through tasks.training_tokens")
     resid, mask = group["resid"][region], group["mask"][region]
