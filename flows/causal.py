@@ -61,11 +61,13 @@ def causal_calls(out: str, model_name: str, hooks, sae_refs: list[SAERef], cfg: 
     saes = {ref.hook: ref for ref in sae_refs if ref.kind == "sae"}
     url = activation_store_url(out, model_name)
     ce_models = _ce_models(out, model_name, hooks, model)
+    spec = model or ModelSpec(name=model_name)
     calls = []
     for hook in hooks:
         corpus = content_hash(url, hook)
+        streamed = spec if streamed_tokens(url, hook) else None  # the cells recompute the training tokens
         centroids = residual_centroids(out, model_name, hook, cfg.n_clusters, cfg.cluster_seed, holdout_fraction,
-                                       model or ModelSpec(name=model_name))
+                                       spec)
         for beta in cfg.betas:
             for seed in cfg.seeds:
                 calls.append({"out": out, "model_name": model_name, "hook": hook, "base_path": saes[hook].path,
@@ -76,7 +78,7 @@ def causal_calls(out: str, model_name: str, hooks, sae_refs: list[SAERef], cfg: 
                               "ce_reference": ce_models[hook] and ce_models[hook][1],
                               "content": f"{corpus}|{saes[hook].hash}|{basename(centroids)}",
                               "init": cfg.init, "dead_tokens": dead_tokens,
-                              "model": (model or ModelSpec(name=model_name)) if streamed_tokens(url, hook) else None})
+                              "model": streamed})
     return calls
 
 
