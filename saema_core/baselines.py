@@ -49,13 +49,11 @@ def paper_search(
     steps: int = PAPER_STEPS,
     seed: int = 0,
     step_scale: float = PAPER_STEP_SCALE,
-    weights: torch.Tensor | None = None,
 ) -> InterventionTrajectory:
     """The released code's procedure (DESIGN.md §7): the paper-literal baseline.
 
-    `weights`: W (K, d) of an affine decoder D(z) = zW + b when the caller already has it (read once for
-    many searches, e.g. with `row_space.linear_decoder`); else it is looked for on `decode`'s owner.
-    Many (α, seed) searches of one problem: `PaperSearch` prepares it once.
+    Many (α, seed) searches of one problem: `PaperSearch` prepares it once (an affine decoder's W is read
+    and checked once, with `row_space.linear_decoder`).
 
     1. Z-score every token: Z̃ = (Z − μ_t) / s_t over its K latents and x̃ likewise over d_model.
     2. Start from Δ = 0 (per-cluster centre shifts in the z-scored latent space).
@@ -67,7 +65,7 @@ def paper_search(
     the raw MSE, `mse_zscored` the procedure's own MSE, `objective` L, `displacement_norm` the move in
     raw latent units and `translation_norm` in z-scored units.
     """
-    return PaperSearch(latents, labels, decode, target, weights).run(alpha, lam, direction, steps, seed, step_scale)
+    return PaperSearch(latents, labels, decode, target).run(alpha, lam, direction, steps, seed, step_scale)
 
 
 class PaperSearch:
@@ -79,15 +77,14 @@ class PaperSearch:
     computed in one product per seed and shared by every α (one pass over the K × d decoder per seed,
     not one per proposal). The values are those of the step-by-step search up to rounding."""
 
-    def __init__(self, latents: torch.Tensor, labels, decode: Decoder, target: torch.Tensor,
-                 weights: torch.Tensor | None = None) -> None:
+    def __init__(self, latents: torch.Tensor, labels, decode: Decoder, target: torch.Tensor) -> None:
         self.latents, self.decode, self.target = latents, decode, target
         self.clusters = clusters_from_labels(labels, latents.shape[0])
         self.mean = latents.mean(dim=1, keepdim=True)
         self.spread = latents.std(dim=1, unbiased=False, keepdim=True) + ZSCORE_EPS
         self.scored, self.x_scored = (latents - self.mean) / self.spread, zscore_rows(target)
         self.weights, self.from_shifts = _cluster_shift_measures(decode, latents, self.scored, self.spread,
-                                                                 self.clusters, weights)
+                                                                 self.clusters)
         self._draws: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def draws(self, seed: int, steps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -142,8 +139,7 @@ class PaperSearch:
 
 
 def _cluster_shift_measures(decode: Decoder, latents: torch.Tensor, scored: torch.Tensor, spread: torch.Tensor,
-                            clusters, weights: torch.Tensor | None = None,
-                            ) -> tuple[torch.Tensor | None, Callable[..., tuple[torch.Tensor, ...]] | None]:
+                            clusters) -> tuple[torch.Tensor | None, Callable[..., tuple[torch.Tensor, ...]] | None]:
     """For an affine decoder D(z) = zW + b: W, and the cluster shifts Δ (C, K) with their decoded ΔW
     (C, d) ↦ (x̂, AEDP, applied displacement norm), without the n × K moved latents (the same values up
     to rounding; at K = 65 536 seconds instead of minutes per search). A token t of cluster c moves by
@@ -153,12 +149,10 @@ def _cluster_shift_measures(decode: Decoder, latents: torch.Tensor, scored: torc
         ‖displacement‖² = Σ_c ‖Δ_c‖² Σ_{t ∈ c} s_t².
 
     (None, None) for any other decoder (then every moved latent is decoded)."""
-    if weights is None:
-        try:
-            weights, _ = linear_decoder(decode, latents.shape[1])
-        except ValueError:
-            return None, None
-    weights = weights.to(latents.dtype)
+    try:
+        weights = linear_decoder(decode, latents.shape[1])[0].to(latents.dtype)
+    except ValueError:
+        return None, None
     # D(Z) = ZW + D(0), Z's nonzeros only (a TopK code has k of K per token)
     base = torch.sparse.mm(latents.to_sparse(), weights) + decode(latents.new_zeros(1, latents.shape[1]))
     centroids = torch.stack([scored[m].mean(dim=0) for m in clusters.members])

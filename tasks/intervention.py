@@ -117,14 +117,6 @@ def _row_basis(decode, n_latents: int) -> tuple[object, str]:
         return None, str(error)
 
 
-def _decoder_weights(decode, n_latents: int) -> tuple[torch.Tensor | None, str]:
-    """W_dec of a linear decoder (float32), or None and why."""
-    try:
-        return linear_decoder(decode, n_latents)[0].float(), ""
-    except ValueError as error:
-        return None, str(error)
-
-
 def _alpha_cell(z, labels, x, sae, config: InterventionConfig, control_seed: int, basis) -> dict:
     """The optimised move at one α and its two random controls (total and row-space norm matched)."""
     optimised = optimise_intervention(z, labels, sae.decode, x, config)
@@ -142,8 +134,7 @@ def _alpha_cell(z, labels, x, sae, config: InterventionConfig, control_seed: int
 def _paper_runs(z, labels, x, sae, base: InterventionConfig, direction: int, alphas, seeds,
                 step_scale: float) -> list[list[dict]]:
     """The paper-literal search for every (α, seed): ΔSep, raw and z-scored ΔMSE, accepted steps."""
-    weights, _ = _decoder_weights(sae.decode, z.shape[1])
-    search = PaperSearch(z, labels, sae.decode, x, weights)  # z-scored once; each seed's draws shared by every α
+    search = PaperSearch(z, labels, sae.decode, x)  # prepared once; each seed's draws shared by every α
     runs = []
     for alpha in alphas:
         row = []
